@@ -1,0 +1,261 @@
+"""Parse many MIDI files into the ``midi_notes`` / ``midi_quarantine`` Parquet tables.
+
+One row per file. List columns hold the notes in Aria's order; ``onset_ms`` is
+measured from the start of the file and ``duration`` is the pedal-extended note
+length, both exactly as Aria computes them. The exact tick timing and tempo map
+are kept too, so ``performance_from_row`` rebuilds the Performance and the
+tokenizer reproduces Aria's ids from the table without re-reading the MIDI.
+
+Files are parsed in worker processes; finished batches stream into one Parquet
+file per call (one row group per batch), so memory stays bounded by the
+batches in flight, not by the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import traceback
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aria_model.atomic_io import AtomicParquetWriter
+from aria_model.midi import MidiError, Performance, load_midi
+
+# Bump when parsing semantics change: parts written by another version are re-parsed.
+PARSER_VERSION = 1
+
+NOTES_SCHEMA = pa.schema([
+    ("file_id", pa.string()),
+    ("n_notes", pa.int32()),
+    ("n_parsed_notes", pa.int32()),
+    ("duration_ms", pa.int64()),  # first onset to last note end
+    ("onset_ms", pa.list_(pa.int64())),  # from the start of the file
+    ("duration", pa.list_(pa.int32())),  # note lengths in ms, pedal folded in
+    ("pitch", pa.list_(pa.uint8())),
+    ("velocity", pa.list_(pa.uint8())),
+    ("instrument", pa.list_(pa.uint8())),  # index into aria_model.midi.INSTRUMENTS
+    ("channel", pa.list_(pa.uint8())),
+    ("instruments", pa.list_(pa.string())),  # instrument prefix classes of the file
+    ("start_tick", pa.list_(pa.int64())),
+    ("end_tick", pa.list_(pa.int64())),
+    ("tempo_tick", pa.list_(pa.int64())),
+    ("tempo_us", pa.list_(pa.int64())),
+    ("ticks_per_beat", pa.int32()),
+    ("parser_version", pa.int16()),
+])
+
+QUARANTINE_SCHEMA = pa.schema([
+    ("file_id", pa.string()),
+    ("path", pa.string()),
+    ("reason", pa.string()),
+    ("message", pa.string()),
+    ("parser_version", pa.int16()),
+])
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """Files beyond these are quarantined as ``too_long`` instead of parsed into the table."""
+
+    max_notes: int = 500_000  # Maestro's longest piece has ~30k notes
+    max_duration_ms: int = 4 * 3600 * 1000  # Aria's length filter stops at 2 h
+
+
+@dataclass
+class ParseReport:
+    files: int = 0
+    parsed: int = 0
+    quarantined: int = 0
+    notes: int = 0
+    seconds: float = 0.0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def performance_row(file_id: str, perf: Performance) -> dict:
+    onset = perf.onset_ms(remove_preceding_silence=False)
+    duration = perf.duration_ms()
+    return {
+        "file_id": file_id,
+        "n_notes": perf.n_notes,
+        "n_parsed_notes": perf.n_parsed_notes,
+        "duration_ms": int((onset + duration).max() - onset.min()),
+        "onset_ms": onset,
+        "duration": duration.astype(np.int32),
+        "pitch": perf.pitch,
+        "velocity": perf.velocity,
+        "instrument": perf.instrument,
+        "channel": perf.channel,
+        "instruments": list(perf.instruments),
+        "start_tick": perf.start_tick,
+        "end_tick": perf.end_tick,
+        "tempo_tick": perf.tempo_tick,
+        "tempo_us": perf.tempo_us,
+        "ticks_per_beat": perf.ticks_per_beat,
+        "parser_version": PARSER_VERSION,
+    }
+
+
+def performance_from_row(row: dict, metadata: dict | None = None) -> Performance:
+    """Rebuild the exact Performance of a ``midi_notes`` row (as from ``to_pylist``)."""
+    return Performance(
+        start_tick=np.asarray(row["start_tick"], np.int64),
+        end_tick=np.asarray(row["end_tick"], np.int64),
+        pitch=np.asarray(row["pitch"], np.uint8),
+        velocity=np.asarray(row["velocity"], np.uint8),
+        channel=np.asarray(row["channel"], np.uint8),
+        instrument=np.asarray(row["instrument"], np.uint8),
+        tempo_tick=np.asarray(row["tempo_tick"], np.int64),
+        tempo_us=np.asarray(row["tempo_us"], np.int64),
+        ticks_per_beat=int(row["ticks_per_beat"]),
+        instruments=tuple(row["instruments"]),
+        metadata=dict(metadata or {}),
+        n_parsed_notes=int(row["n_parsed_notes"]),
+    )
+
+
+def parse_one(file_id: str, path: str, limits: ParseLimits) -> tuple[str, dict]:
+    """("notes", row) or ("quarantine", row); never raises."""
+    try:
+        perf = load_midi(path, max_notes=limits.max_notes)
+        row = performance_row(file_id, perf)
+        if row["duration_ms"] > limits.max_duration_ms:
+            raise MidiError("too_long", f"{row['duration_ms'] / 3.6e6:.1f} h exceeds {limits.max_duration_ms / 3.6e6:.1f} h")
+        return "notes", row
+    except MidiError as exc:
+        return "quarantine", _quarantine_row(file_id, path, exc.reason, exc.message)
+    except OSError as exc:
+        return "quarantine", _quarantine_row(file_id, path, "unreadable", f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a parser bug must not stop the corpus; keep the evidence
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return "quarantine", _quarantine_row(
+            file_id, path, "parser_error", f"{type(exc).__name__}: {exc} at {where.filename}:{where.lineno}"
+        )
+
+
+def _quarantine_row(file_id: str, path: str, reason: str, message: str) -> dict:
+    return {"file_id": file_id, "path": path, "reason": reason, "message": message, "parser_version": PARSER_VERSION}
+
+
+def _parse_batch(batch: list[tuple[str, str]], limits: ParseLimits) -> tuple[pa.Table, pa.Table]:
+    notes, quarantine = [], []
+    for file_id, path in batch:
+        kind, row = parse_one(file_id, path, limits)
+        (notes if kind == "notes" else quarantine).append(row)
+    return (
+        pa.Table.from_pylist(notes, schema=NOTES_SCHEMA),
+        pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA),
+    )
+
+
+def _batches(files: list[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
+    for i in range(0, len(files), size):
+        yield files[i : i + size]
+
+
+def _parse_in_workers(batches: Iterable[list], limits: ParseLimits, workers: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Yield parsed batches in input order, with at most 2 batches per worker in flight."""
+    if workers <= 1:
+        for batch in batches:
+            yield _parse_batch(batch, limits)
+        return
+    in_flight: deque = deque()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for batch in batches:
+            in_flight.append(pool.submit(_parse_batch, batch, limits))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def parse_to_parquet(
+    files: list[tuple[str, str]],
+    notes_path: Path,
+    quarantine_path: Path,
+    limits: ParseLimits = ParseLimits(),
+    workers: int | None = None,
+    batch_size: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+) -> ParseReport:
+    """Parse ``(file_id, path)`` pairs into two Parquet files, each written atomically.
+
+    Files are processed in file_id order and batches are written in that order,
+    so a rerun on the same input writes identical files whatever the scheduling.
+    """
+    started = time.perf_counter()
+    report = ParseReport(files=len(files))
+    workers = workers or os.cpu_count() or 1
+    with AtomicParquetWriter(notes_path, NOTES_SCHEMA) as notes_out, \
+            AtomicParquetWriter(quarantine_path, QUARANTINE_SCHEMA) as quarantine_out:
+        for notes, quarantine in _parse_in_workers(_batches(sorted(files), batch_size), limits, workers):
+            notes_out.write(notes)
+            quarantine_out.write(quarantine)
+            report.parsed += notes.num_rows
+            report.quarantined += quarantine.num_rows
+            report.notes += sum(notes["n_notes"].to_pylist())
+            for reason in quarantine["reason"].to_pylist():
+                report.reasons[reason] = report.reasons.get(reason, 0) + 1
+            if progress:
+                progress(report.parsed + report.quarantined, len(files))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+QUARANTINE_REASONS = MidiError.REASONS + ("unreadable", "parser_error")
+
+
+def part_files(folder: Path) -> list[Path]:
+    """The Parquet parts of a notes or quarantine folder written by this parser version."""
+    return sorted(Path(folder).glob(f"part-v{PARSER_VERSION}-*.parquet"))
+
+
+def _known_file_ids(folder: Path) -> set[str]:
+    ids: set[str] = set()
+    for part in part_files(folder):
+        ids.update(pq.read_table(part, columns=["file_id"])["file_id"].to_pylist())
+    return ids
+
+
+def _drop_stale_parts(folder: Path) -> int:
+    """Parts of other parser versions describe notes this parser would not produce."""
+    stale = [p for p in Path(folder).glob("part-v*.parquet") if p not in set(part_files(folder))]
+    for part in stale:
+        part.unlink()
+    return len(stale)
+
+
+def update_notes_tables(
+    files: list[tuple[str, str]],
+    notes_dir: Path,
+    quarantine_dir: Path,
+    limits: ParseLimits = ParseLimits(),
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ParseReport:
+    """Parse the files whose file_id is in neither table yet into one new part each.
+
+    Parts are named by a digest of the file_ids they hold, so rerunning on the
+    same input adds nothing and rewrites nothing. Several paths with the same
+    content are parsed once (the first path in sorted order).
+    """
+    _drop_stale_parts(notes_dir)
+    _drop_stale_parts(quarantine_dir)
+    known = _known_file_ids(notes_dir) | _known_file_ids(quarantine_dir)
+    first_path: dict[str, str] = {}
+    for file_id, path in sorted(files):
+        first_path.setdefault(file_id, path)
+    new = [(fid, path) for fid, path in first_path.items() if fid not in known]
+    if not new:
+        return ParseReport()
+    digest = hashlib.sha256("\n".join(fid for fid, _ in new).encode()).hexdigest()[:16]
+    name = f"part-v{PARSER_VERSION}-{digest}.parquet"
+    return parse_to_parquet(new, Path(notes_dir) / name, Path(quarantine_dir) / name, limits, workers, progress=progress)

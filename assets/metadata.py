@@ -1,0 +1,26 @@
+"""Small helpers that turn results into Dagster UI metadata."""
+
+
+from typing import Callable
+
+import dagster as dg
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A markdown table of dict rows (columns from the first row)."""
+    if not rows:
+        return "_(none)_"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def progress_logger(context: dg.AssetExecutionContext, every: int) -> Callable[[int, int], None]:
+    """A progress callback that logs ``done/total`` every ``every`` items and at the end."""
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done // every != (done - 1) // every:
+            context.log.info(f"{done}/{total} ({100 * done / max(total, 1):.0f}%)")
+
+    return progress

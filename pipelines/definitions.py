@@ -1,0 +1,18 @@
+"""The Dagster code location: ``defs`` (assets, checks, jobs, resources)."""
+
+import dagster as dg
+
+from assets import demo_corpus, midi_notes, raw_midi_manifest
+from pipelines.jobs import ingest_job
+from pipelines.resources import AriaHome, MidiSource
+
+ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes]
+ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
+ASSET_CHECKS = dg.load_asset_checks_from_modules(ASSET_MODULES)
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    asset_checks=ASSET_CHECKS,
+    jobs=[ingest_job],
+    resources={"home": AriaHome(), "source": MidiSource()},
+)
