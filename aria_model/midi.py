@@ -347,3 +347,53 @@ def _fold_pedal(start: np.ndarray, end: np.ndarray, channel: np.ndarray, pedals:
         inside = end[idx] < iv[k, 1]
         end[idx[inside]] = iv[k[inside], 1]
     return end
+
+
+# Program Aria writes for each instrument class when decoding tokens to MIDI.
+PROGRAM_OF_INSTRUMENT = {
+    "piano": 0, "organ": 16, "guitar": 24, "bass": 32, "strings": 40,
+    "ensemble": 48, "brass": 56, "reed": 64, "pipe": 73, "synth_lead": 80, "drum": 0,
+}
+
+
+def resolve_overlaps(perf: Performance) -> np.ndarray:
+    """End ticks with same-pitch, same-channel overlaps cut at the later onset (Aria's to_midi)."""
+    end = perf.end_tick.copy()
+    order = np.lexsort((perf.end_tick, perf.start_tick, perf.pitch, perf.channel))
+    same_key = (np.diff(perf.channel[order].astype(int)) == 0) & (np.diff(perf.pitch[order].astype(int)) == 0)
+    earlier, later = order[:-1][same_key], order[1:][same_key]
+    overlapping = end[earlier] > perf.start_tick[later]
+    end[earlier[overlapping]] = perf.start_tick[later[overlapping]]
+    return end
+
+
+def save_midi(perf: Performance, path: str | os.PathLike) -> None:
+    """Write a Performance as a type-0 MIDI file the way Aria's ``MidiDict.to_midi`` does.
+
+    Same-key overlaps are resolved first; note-offs are note-ons with velocity 0
+    and come before note-ons on the same tick. Tempo, program and pedal
+    messages are written ahead of notes on their tick so players apply them.
+    """
+    end = resolve_overlaps(perf)
+    events: list[tuple[int, int, mido.Message]] = []
+    for tick, tempo in zip(perf.tempo_tick.tolist(), perf.tempo_us.tolist()):
+        events.append((tick, 0, mido.MetaMessage("set_tempo", tempo=tempo, time=tick)))
+    for ch, inst in sorted({(int(c), int(i)) for c, i in zip(perf.channel, perf.instrument)}):
+        program = PROGRAM_OF_INSTRUMENT[INSTRUMENTS[inst]]
+        events.append((0, 0, mido.Message("program_change", program=program, channel=ch, time=0)))
+    for tick, ch, down in zip(perf.pedal_tick.tolist(), perf.pedal_channel.tolist(), perf.pedal_down.tolist()):
+        events.append((tick, 0, mido.Message("control_change", control=PEDAL_CONTROL, value=127 * down,
+                                             channel=ch, time=tick)))
+    for start, stop, pitch, vel, ch in zip(perf.start_tick.tolist(), end.tolist(), perf.pitch.tolist(),
+                                           perf.velocity.tolist(), perf.channel.tolist()):
+        events.append((start, 2 + vel, mido.Message("note_on", note=pitch, velocity=vel, channel=ch, time=start)))
+        events.append((stop, 1, mido.Message("note_on", note=pitch, velocity=0, channel=ch, time=stop)))
+    track = mido.MidiTrack()
+    previous = 0
+    for tick, _, msg in sorted(events, key=lambda e: (e[0], e[1])):
+        track.append(msg.copy(time=tick - previous))
+        previous = tick
+    track.append(mido.MetaMessage("end_of_track", time=0))
+    midi = mido.MidiFile(type=0, ticks_per_beat=perf.ticks_per_beat)
+    midi.tracks.append(track)
+    midi.save(path)

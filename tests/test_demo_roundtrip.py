@@ -11,9 +11,9 @@ def quantised(perf, tokenizer):
     """(onset, duration, pitch, velocity) per note on the tokenizer's grids, sorted."""
     onset = perf.onset_ms()
     segment, within = np.divmod(onset, tokenizer.config.segment_ms)
-    onset_q = segment * tokenizer.config.segment_ms + tokenizer._onset_step[within] * tokenizer.config.time_step_ms
-    duration_q = tokenizer._dur_step[np.clip(perf.duration_ms(), 0, tokenizer.config.max_dur_ms)] * 10
-    velocity_q = tokenizer._velocity_step[perf.velocity] * tokenizer.config.velocity_step
+    onset_q = segment * tokenizer.config.segment_ms + tokenizer.onset_grid_index[within] * tokenizer.config.time_step_ms
+    duration_q = tokenizer.duration_grid_index[np.clip(perf.duration_ms(), 0, tokenizer.config.max_dur_ms)] * 10
+    velocity_q = tokenizer.velocity_grid_index[perf.velocity] * tokenizer.config.velocity_step
     return sorted(zip(onset_q.tolist(), duration_q.tolist(), perf.pitch.tolist(), velocity_q.tolist()))
 
 
