@@ -173,7 +173,7 @@ def composer_key(raw: str | None) -> str | None:
     """
     if raw is None:
         return None
-    text = _ascii_fold(raw).lower()
+    text = ascii_fold(raw).lower()
     text = re.sub(r"\(.*?\)", " ", text)  # "(arr. Busoni)"
     first = re.split(r"[/;&]", text)[0].strip()
     if first in _NOT_A_COMPOSER:
@@ -645,6 +645,7 @@ def _score(value: Any) -> float | None:
         return None
 
 
-def _ascii_fold(text: str) -> str:
+def ascii_fold(text: str) -> str:
+    """Accents and ligatures folded to plain ASCII ("Dvořák" -> "Dvorak", "Straße" -> "Strasse")."""
     decomposed = unicodedata.normalize("NFKD", text.translate(_LETTERS_NFKD_KEEPS))
     return decomposed.encode("ascii", "ignore").decode("ascii")

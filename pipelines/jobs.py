@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dagster as dg
 
-INGEST_ASSETS = ["demo_corpus", "raw_midi_manifest", "midi_notes", "midi_quarantine"]
+INGEST_ASSETS = ["demo_corpus", "raw_midi_manifest", "midi_notes", "midi_quarantine", "opus_dedup"]
 
 ingest_job = dg.define_asset_job(
     "ingest",
     selection=dg.AssetSelection.assets(*INGEST_ASSETS),
-    description="Demo corpus (when no source is set) -> manifest -> parsed notes + quarantine.",
+    description="Demo corpus (when no source is set) -> manifest -> parsed notes + quarantine -> dedup.",
 )
 
 # The job the README's first command runs; it grows into the full pipeline.

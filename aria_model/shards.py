@@ -1,0 +1,497 @@
+"""Token shards: AbsTokenizer ids of the curated files in Parquet, split train/val/test by piece.
+
+Which files: those ``opus_dedup`` keeps (``kept``) and ``quality_filter`` passes
+(``passed``), rebuilt from the ``midi_notes`` table with ``performance_from_row``
+and the raw manifest's composer/form/genre as prefix metadata, so the ids are
+exactly ``AbsTokenizer().tokenize_ids(load_midi(path, metadata))``.
+
+Stored ids are the tokenizer's deterministic form: prefix tokens in vocabulary
+order, ``<D>`` at the centre of Aria's jitter (100 tokens before the end, moved to
+precede a note) and a final ``<E>``. Aria re-tokenizes every epoch (fresh prefix
+order, fresh ``<D>`` position); ``aria_model.data`` redraws both per epoch from
+these ids for training, with Aria's exact rule, and reads val/test as stored.
+
+One row per file: ``file_id, cluster_id, ids (list<uint16>), n_tokens``. Rows keep
+the ``midi_notes`` order (content hashes within each part: pieces are scattered,
+not grouped). Row groups hold about ``row_group_tokens`` tokens (the data
+loader's unit of work and shuffling); shards hold whole row groups up to about
+``shard_tokens``. The split of a file is its piece cluster's: a hash of
+``seed:cluster_id`` against the split fractions, so no piece is in two splits and
+new files never move an existing cluster (as long as the cluster keeps its id).
+
+Layout under the data home; the visible folder is a symlink to the current set::
+
+    token_shards -> .token_shards/<set id>/
+        manifest.json                       tokenizer hash, seed, counts, checksums, input digests
+        train/shard-00000.parquet ...
+        val/shard-00000.parquet ...
+        test/shard-00000.parquet ...
+
+A new set is written to a hidden staging folder and published by swapping the
+symlink (one atomic rename): readers see the old set or the whole new one, and
+a killed writer leaves only a hidden staging folder, removed by the next run.
+The set id is a digest of the manifest, so an unchanged rerun publishes the same
+bytes under the same name. The previous set is kept, for readers still in it.
+
+    report = build_token_shards(ShardInputs(notes_dir, manifest, dedup, quality), home / "token_shards")
+    report.manifest["splits"]["train"]["tokens"], report.tokens_per_s
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from aria_model.atomic_io import write_json_atomic
+from aria_model.notes_table import part_files, performance_from_row
+from aria_model.sources import sha256_file
+from aria_model.tokenizer import AbsTokenizer
+
+SPLITS = ("train", "val", "test")
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+SHARD_SCHEMA = pa.schema([
+    ("file_id", pa.string()),
+    ("cluster_id", pa.string()),
+    ("ids", pa.list_(pa.uint16())),
+    ("n_tokens", pa.int32()),
+])
+STORED_IDS = ("AbsTokenizer.tokenize_ids without rng: prefix tokens in vocabulary order, "
+              "<D> 100 tokens before the end, <E> last")
+# Manifest columns that become prefix tokens; "form" has no column and comes from ``extra``.
+PREFIX_METADATA = ("composer", "form", "genre")
+# The midi_notes columns performance_from_row needs.
+NOTE_LIST_COLUMNS = ("start_tick", "end_tick", "pitch", "velocity", "channel", "instrument", "tempo_tick", "tempo_us")
+NOTE_SCALAR_COLUMNS = ("file_id", "ticks_per_beat", "n_parsed_notes", "instruments")
+
+
+class ShardError(ValueError):
+    """Inputs or an output folder that token shards cannot be built from or into."""
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    shard_tokens: int = 64_000_000  # ~128 MB of ids before compression; Aria-MIDI gives a few hundred shards
+    row_group_tokens: int = 1_000_000  # the loader's unit: ~2 MB, thousands per corpus to spread over ranks x workers
+    split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train, val, test; Aria holds out 5% for val
+    seed: int = 0  # salts the cluster -> split hash; the same seed keeps every cluster in its split
+    workers: int | None = None  # tokenizer processes; None: all cores
+
+    def __post_init__(self):
+        if len(self.split_fractions) != len(SPLITS) or min(self.split_fractions) < 0:
+            raise ShardError(f"split_fractions needs {len(SPLITS)} non-negative fractions, got {self.split_fractions}")
+        if not math.isclose(sum(self.split_fractions), 1.0, abs_tol=1e-9):
+            raise ShardError(f"split_fractions must sum to 1, got {sum(self.split_fractions)}")
+        if not 0 < self.row_group_tokens <= self.shard_tokens:
+            raise ShardError("need 0 < row_group_tokens <= shard_tokens")
+
+
+@dataclass(frozen=True)
+class ShardInputs:
+    """Where the upstream assets' outputs are."""
+
+    notes_dir: Path  # midi_notes parts
+    raw_manifest: Path  # raw_midi_manifest: file_id, path, composer, genre, extra
+    dedup: Path  # opus_dedup: file_id, cluster_id, kept
+    quality: Path  # quality_filter: file_id, passed
+
+
+@dataclass(frozen=True)
+class ShardReport:
+    root: Path
+    manifest: dict
+    seconds: float
+
+    @property
+    def tokens(self) -> int:
+        return sum(split["tokens"] for split in self.manifest["splits"].values())
+
+    @property
+    def files(self) -> int:
+        return sum(split["files"] for split in self.manifest["splits"].values())
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+
+# -- build --------------------------------------------------------------------------------
+
+
+def build_token_shards(inputs: ShardInputs, root: Path, config: ShardConfig = ShardConfig()) -> ShardReport:
+    """Tokenize the kept-and-passed files into a new shard set and publish it at ``root``."""
+    started = time.perf_counter()
+    root = Path(root)
+    cluster_of = select_files(inputs.dedup, inputs.quality)
+    split_of = {cluster: cluster_split(cluster, config) for cluster in set(cluster_of.values())}
+    metadata = prefix_metadata(inputs.raw_manifest, cluster_of.keys())
+    with _staging_folder(root) as staging:
+        writers = {split: _SplitWriter(staging, split, config) for split in SPLITS}
+        tokenized, failed = set(), []
+        jobs = _note_row_groups(inputs.notes_dir, cluster_of, metadata)
+        for ids, failures in _in_workers(_tokenize_row_group, jobs, config.workers or os.cpu_count() or 1):
+            _route(ids, cluster_of, split_of, writers)
+            tokenized.update(ids["file_id"].to_pylist())
+            failed += failures
+        splits = {split: writer.close() for split, writer in writers.items()}
+        missing = sorted(cluster_of.keys() - tokenized - {f["file_id"] for f in failed})
+        manifest = _manifest(inputs, config, splits, failed, missing)
+        write_json_atomic(manifest, staging / MANIFEST_FILE)
+        _publish(staging, root)
+    return ShardReport(root=root, manifest=manifest, seconds=time.perf_counter() - started)
+
+
+def select_files(dedup_path: Path, quality_path: Path) -> dict[str, str]:
+    """file_id -> cluster_id of every file dedup keeps and the quality filter passes."""
+    dedup = _unique_by_file_id(pq.read_table(dedup_path, columns=["file_id", "cluster_id", "kept"]), dedup_path)
+    quality = _unique_by_file_id(pq.read_table(quality_path, columns=["file_id", "passed"]), quality_path)
+    joined = dedup.join(quality, "file_id", join_type="inner")
+    kept = joined.filter(pc.and_(pc.fill_null(joined["kept"], False), pc.fill_null(joined["passed"], False)))
+    return dict(zip(kept["file_id"].to_pylist(), kept["cluster_id"].to_pylist()))
+
+
+def _unique_by_file_id(table: pa.Table, path: Path) -> pa.Table:
+    if pc.count_distinct(table["file_id"]).as_py() != table.num_rows:
+        raise ShardError(f"{path}: file_id is not unique")
+    return table
+
+
+def cluster_split(cluster_id: str, config: ShardConfig) -> str:
+    """The split of a piece cluster: a uniform draw from its hash, cut by the split fractions."""
+    digest = hashlib.sha256(f"{config.seed}:{cluster_id}".encode()).digest()
+    draw = int.from_bytes(digest[:8], "big") / 2**64
+    for split, upper in zip(SPLITS, np.cumsum(config.split_fractions)):
+        if draw < upper:
+            return split
+    return SPLITS[-1]  # float rounding just below 1.0
+
+
+def prefix_metadata(raw_manifest: Path, file_ids: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Composer/form/genre of each file (first path in path order), lower-cased as prefix tokens are."""
+    columns = [c for c in ("file_id", "path", "composer", "genre", "extra") if c in pq.read_schema(raw_manifest).names]
+    table = pq.read_table(raw_manifest, columns=columns)
+    table = table.filter(pc.is_in(table["file_id"], value_set=pa.array(list(file_ids), pa.string())))
+    metadata: dict[str, dict[str, str]] = {}
+    for row in table.sort_by([("file_id", "ascending"), ("path", "ascending")]).to_pylist():
+        if row["file_id"] not in metadata:
+            metadata[row["file_id"]] = _row_prefix_metadata(row)
+    return metadata
+
+
+def _row_prefix_metadata(row: dict) -> dict[str, str]:
+    extra = json.loads(row["extra"]) if row.get("extra") and '"form"' in row["extra"] else {}
+    values = {key: row.get(key) or extra.get(key) for key in PREFIX_METADATA}
+    return {key: str(value).strip().lower() for key, value in values.items() if value}
+
+
+def _note_row_groups(
+    notes_dir: Path, cluster_of: dict[str, str], metadata: dict[str, dict]
+) -> Iterator[tuple[Path, int, dict[str, dict]]]:
+    """(part, row group, {file_id: prefix metadata}) of every midi_notes row group holding selected files.
+
+    Only file ids are read here: the workers read the notes themselves, so no
+    note data passes through this process.
+    """
+    for part in part_files(notes_dir):
+        parquet = pq.ParquetFile(part)
+        for group in range(parquet.num_row_groups):
+            file_ids = parquet.read_row_group(group, columns=["file_id"])["file_id"].to_pylist()
+            wanted = {fid: metadata.get(fid, {}) for fid in file_ids if fid in cluster_of}
+            if wanted:
+                yield part, group, wanted
+
+
+def _in_workers(fn: Callable, jobs: Iterable[tuple], workers: int) -> Iterator:
+    """``fn(*job)`` for every job, in job order, with at most two jobs per worker in flight."""
+    if workers <= 1:
+        for job in jobs:
+            yield fn(*job)
+        return
+    in_flight: deque = deque()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for job in jobs:
+            in_flight.append(pool.submit(fn, *job))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+@cache
+def _tokenizer() -> AbsTokenizer:
+    """One tokenizer per process: its lookup tables are built on first use."""
+    return AbsTokenizer()
+
+
+def _tokenize_row_group(part: Path, group: int, wanted: dict[str, dict]) -> tuple[pa.Table, list[dict]]:
+    """(file_id, ids, n_tokens) of the wanted rows; a file the tokenizer rejects is reported, not raised."""
+    notes = pq.ParquetFile(part).read_row_group(group, columns=[*NOTE_SCALAR_COLUMNS, *NOTE_LIST_COLUMNS])
+    notes = notes.filter(pa.array([fid in wanted for fid in notes["file_id"].to_pylist()]))
+    tokenizer = _tokenizer()
+    file_ids, ids, failures = [], [], []
+    for row in _note_rows(notes):
+        try:
+            ids.append(tokenizer.tokenize_ids(performance_from_row(row, wanted[row["file_id"]])))
+            file_ids.append(row["file_id"])
+        except Exception as exc:  # one bad file must not stop the corpus; its reason goes to the manifest
+            failures.append({"file_id": row["file_id"], "error": f"{type(exc).__name__}: {exc}"})
+    return _ids_table(file_ids, ids), failures
+
+
+def _note_rows(notes: pa.Table) -> Iterator[dict]:
+    """Rows as dicts whose note lists are numpy views: far cheaper than ``to_pylist`` on long lists."""
+    lists = {}
+    for name in NOTE_LIST_COLUMNS:
+        column = notes[name].combine_chunks()
+        lists[name] = (column.values.to_numpy(zero_copy_only=False), column.offsets.to_numpy())
+    for i, row in enumerate(notes.select(list(NOTE_SCALAR_COLUMNS)).to_pylist()):
+        yield row | {name: values[offsets[i] : offsets[i + 1]] for name, (values, offsets) in lists.items()}
+
+
+def _ids_table(file_ids: list[str], ids: list[np.ndarray]) -> pa.Table:
+    lengths = np.array([len(x) for x in ids], dtype=np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate(ids).astype(np.uint16) if ids else np.zeros(0, np.uint16)
+    return pa.table({
+        "file_id": pa.array(file_ids, pa.string()),
+        "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+        "n_tokens": pa.array(lengths),
+    })
+
+
+def _route(ids: pa.Table, cluster_of: dict[str, str], split_of: dict[str, str], writers: dict) -> None:
+    """Send each tokenized row to its cluster's split."""
+    clusters = [cluster_of[fid] for fid in ids["file_id"].to_pylist()]
+    rows = pa.table({
+        "file_id": ids["file_id"], "cluster_id": pa.array(clusters, pa.string()),
+        "ids": ids["ids"], "n_tokens": ids["n_tokens"],
+    }, schema=SHARD_SCHEMA)
+    splits = np.array([split_of[c] for c in clusters])
+    for split, writer in writers.items():
+        writer.add(rows.filter(pa.array(splits == split)))
+
+
+class _SplitWriter:
+    """Rows of one split into ``<split>/shard-NNNNN.parquet`` files of whole row groups."""
+
+    def __init__(self, staging: Path, split: str, config: ShardConfig):
+        self.folder = staging / split
+        self.folder.mkdir(parents=True)
+        self.split, self.config = split, config
+        self.pending: list[pa.Table] = []
+        self.pending_tokens = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.shard: dict = {}
+        self.shards: list[dict] = []
+        self.clusters: set[str] = set()
+
+    def add(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        self.pending.append(rows)
+        self.pending_tokens += int(pc.sum(rows["n_tokens"]).as_py())
+        self.clusters.update(rows["cluster_id"].to_pylist())
+        while self.pending_tokens >= self.config.row_group_tokens:
+            self._write_full_group()
+
+    def close(self) -> dict:
+        """Write what is left and describe the split for the manifest."""
+        if self.pending_tokens:
+            self._write_group(pa.concat_tables(self.pending))
+        self._close_shard()
+        return {
+            "files": sum(s["rows"] for s in self.shards),
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "clusters": len(self.clusters),
+            "shards": self.shards,
+        }
+
+    def _write_full_group(self) -> None:
+        """Cut the buffered rows right after the row that reaches ``row_group_tokens``."""
+        rows = pa.concat_tables(self.pending)
+        reached = np.cumsum(rows["n_tokens"].to_numpy())
+        cut = int(np.searchsorted(reached, self.config.row_group_tokens)) + 1
+        self._write_group(rows.slice(0, cut))
+        self.pending = [rows.slice(cut)]
+        self.pending_tokens = int(reached[-1] - reached[cut - 1])
+
+    def _write_group(self, rows: pa.Table) -> None:
+        if self.writer is None:
+            self._open_shard()
+        self.writer.write_table(rows, row_group_size=rows.num_rows)
+        self.shard["rows"] += rows.num_rows
+        self.shard["tokens"] += int(pc.sum(rows["n_tokens"]).as_py())
+        self.shard["row_groups"] += 1
+        if self.shard["tokens"] >= self.config.shard_tokens:
+            self._close_shard()
+
+    def _open_shard(self) -> None:
+        name = f"{self.split}/shard-{len(self.shards):05d}.parquet"
+        # ids do not gain from dictionary pages (17k distinct values); zstd does the compressing.
+        self.writer = pq.ParquetWriter(self.folder.parent / name, SHARD_SCHEMA, compression="zstd",
+                                       use_dictionary=["cluster_id"])
+        self.shard = {"name": name, "rows": 0, "tokens": 0, "row_groups": 0}
+
+    def _close_shard(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        self.shard["sha256"] = sha256_file(self.folder.parent / self.shard["name"])
+        self.shards.append(self.shard)
+
+
+def _manifest(inputs: ShardInputs, config: ShardConfig, splits: dict, failed: list[dict], missing: list[str]) -> dict:
+    tokenizer = AbsTokenizer()
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {"name": tokenizer.name, "config_hash": tokenizer.config.config_hash(),
+                      "vocab_size": tokenizer.vocab_size},
+        "stored_ids": STORED_IDS,
+        "seed": config.seed,
+        "split_fractions": dict(zip(SPLITS, config.split_fractions)),
+        "shard_tokens": config.shard_tokens,
+        "row_group_tokens": config.row_group_tokens,
+        "inputs": input_digests(inputs),
+        "splits": splits,
+        "failed": sorted(failed, key=lambda f: f["file_id"]),  # the tokenizer rejected them
+        "missing_notes": missing,  # selected, but not in midi_notes
+    }
+
+
+def input_digests(inputs: ShardInputs) -> dict[str, str]:
+    """What the shards were built from. midi_notes parts are immutable and named by the
+    digest of their file_ids, so their names and sizes identify the notes table."""
+    parts = "\n".join(f"{p.name}:{p.stat().st_size}" for p in part_files(inputs.notes_dir))
+    return {
+        "midi_notes": hashlib.sha256(parts.encode()).hexdigest(),
+        "raw_midi_manifest": sha256_file(inputs.raw_manifest),
+        "opus_dedup": sha256_file(inputs.dedup),
+        "quality_filter": sha256_file(inputs.quality),
+    }
+
+
+# -- publish: staging folder + symlink swap ---------------------------------------------
+
+
+def _sets_folder(root: Path) -> Path:
+    """Hidden sibling holding every shard set; ``root`` links to the current one."""
+    return root.parent / f".{root.name}"
+
+
+@contextmanager
+def _staging_folder(root: Path) -> Iterator[Path]:
+    """A fresh hidden folder for the new set, removed if the block fails before publishing."""
+    if root.exists() and not root.is_symlink():
+        raise ShardError(f"{root} is a plain folder, not a link to a shard set; move it away to publish")
+    sets = _sets_folder(root)
+    sets.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(sets)
+    staging = sets / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _remove_abandoned_staging(sets: Path) -> None:
+    """What writers killed mid-write left (a staging folder, a temp link) is never published."""
+    for leftover in [*sets.glob(".staging-*"), *sets.glob(".link-*")]:
+        pid = int(leftover.name.rsplit("-", 1)[1])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        if leftover.is_symlink():
+            leftover.unlink()
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by another user
+    return True
+
+
+def _publish(staging: Path, root: Path) -> None:
+    """Name the staged set by its manifest digest and point ``root`` at it in one rename."""
+    sets = _sets_folder(root)
+    set_id = hashlib.sha256((staging / MANIFEST_FILE).read_bytes()).hexdigest()[:16]
+    final = sets / set_id
+    previous = os.readlink(root) if root.is_symlink() else None
+    if final.exists():  # an unchanged rerun: the same bytes are already published
+        shutil.rmtree(staging)
+    else:
+        os.rename(staging, final)
+    link = sets / f".link-{os.getpid()}"
+    link.unlink(missing_ok=True)
+    os.symlink(os.path.join(sets.name, set_id), link)
+    os.replace(link, root)
+    _prune_sets(sets, keep={set_id, Path(previous).name if previous else set_id})
+
+
+def _prune_sets(sets: Path, keep: set[str]) -> None:
+    """Drop sets older than the previous one; the previous stays for readers still in it."""
+    for folder in sets.iterdir():
+        if not folder.name.startswith(".") and folder.name not in keep:
+            shutil.rmtree(folder)
+
+
+# -- read ---------------------------------------------------------------------------------
+
+
+def read_manifest(root: Path) -> dict:
+    return json.loads((Path(root) / MANIFEST_FILE).read_text())
+
+
+def shard_paths(root: Path, split: str) -> list[Path]:
+    """The shard files of one split, in manifest order, resolved into the current set."""
+    root = Path(root).resolve()
+    return [root / shard["name"] for shard in read_manifest(root)["splits"][split]["shards"]]
+
+
+def clusters_in_several_splits(root: Path) -> list[str]:
+    """Cluster ids that occur in more than one split (should be none)."""
+    seen: dict[str, str] = {}
+    shared = set()
+    for split in SPLITS:
+        for path in shard_paths(root, split):
+            for cluster in set(pq.read_table(path, columns=["cluster_id"])["cluster_id"].to_pylist()):
+                if seen.setdefault(cluster, split) != split:
+                    shared.add(cluster)
+    return sorted(shared)
+
+
+def checksum_mismatches(root: Path) -> list[str]:
+    """Shards whose bytes differ from the manifest's sha256, and files the manifest does not list."""
+    root = Path(root).resolve()
+    listed = {shard["name"]: shard["sha256"] for split in read_manifest(root)["splits"].values()
+              for shard in split["shards"]}
+    problems = [f"{name}: missing" for name in listed if not (root / name).exists()]
+    problems += [f"{name}: sha256 differs" for name, digest in listed.items()
+                 if (root / name).exists() and sha256_file(root / name) != digest]
+    on_disk = {str(p.relative_to(root)) for p in root.glob("*/*.parquet")}
+    problems += [f"{name}: not in the manifest" for name in sorted(on_disk - listed.keys())]
+    return problems
