@@ -19,24 +19,29 @@ instrument instead of the music.
 Output: `<out_dir>/<collection>/<slug>.mid` plus `<out_dir>/demo_metadata.json`:
 
     {"version": 1,                      # FORMAT_VERSION: bumping it rebuilds every cached file
-     "config": {"collections": [...], "pieces_per_collection": 100, "seed": 0},
+     "config": {"collections": [...], "pieces_per_collection": 80, "seed": 0},
      "pieces": {"bach/bwv1.6.mid": {"collection", "composer", "title", "tune_type", "region",
                                     "origin", "source", "tune_index", "tune_number",
-                                    "music21_version"}},
+                                    "repeats_expanded", "music21_version"}},
      "failed": {"<relpath>": "<error message>"}}
 
 The metadata file is the index of the build: it lists exactly the pieces the config selects.
-Files left from an earlier, bigger config stay on disk (as cache) but are not listed.
+Files left from an earlier, bigger config stay on disk (as cache) but are not listed, so read the
+metadata rather than globbing for `*.mid`.
 
 The build is cached and resumable: a piece whose file exists and is listed in the metadata of the
-same FORMAT_VERSION and music21 version is not converted again. Selection is a seeded shuffle of
-the sorted, de-duplicated listing, cut to size, so a bigger count keeps every piece of a smaller
-one (tiny ⊂ demo ⊂ full) and growing a config converts only the new pieces.
+same FORMAT_VERSION and music21 version is not converted again; the metadata is checkpointed every
+CHECKPOINT_EVERY pieces, so a killed build loses little. Selection is a seeded shuffle of the
+sorted, de-duplicated listing, cut to size, so a bigger count keeps every piece of a smaller one
+(tiny ⊂ demo ⊂ full) and growing a config converts only the new pieces.
 
-Presets (measured on 2 cores, music21 10.5.1, fresh output folder):
-    tiny   3 per collection,   15 pieces, ~5 s     (tests)
-    demo 100 per collection,  500 pieces, ~45 s    (the default)
-    full  everything,      ~11,800 pieces, ~20 min
+Presets (music21 10.5.1, fresh output folder, 2 cores; CPU time is the sum over both workers):
+    tiny    3 per collection,     15 pieces: ~2 s
+    demo   80 per collection,    400 pieces: 80-87 CPU-s; 79-90 s wall measured while other jobs
+                                             held about one of the two cores (~45 s when idle)
+    full   everything,        13,121 pieces: ~35 CPU-min (0 failures; 38 tunes with malformed
+                                             repeat marks are played through once)
+Palestrina dominates (~0.55 CPU-s a piece, Bach ~0.16, an ABC tune 0.06-0.25).
 
 Run:
     python -m aria_model.demo_corpus OUT_DIR [--preset demo] [--workers N]
@@ -48,6 +53,7 @@ import argparse
 import concurrent.futures
 import copy
 import dataclasses
+import functools
 import io
 import json
 import multiprocessing
@@ -55,7 +61,6 @@ import os
 import random
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,11 +69,12 @@ import mido
 import music21
 from music21 import bar, converter, corpus, instrument, key, meter, midi, repeat, spanner, stream, tempo
 
+from aria_model.atomic_io import remove_partial_files, write_bytes_atomic
+
 FORMAT_VERSION = 1  # bump when conversion changes, so cached files are rebuilt
 METADATA_FILE = "demo_metadata.json"
 COLLECTIONS = ("bach", "palestrina", "ryansMammoth", "essenFolksong", "oneills1850")
 DRUM_CHANNEL = 9  # General MIDI channel 10, 0-indexed
-PARTIAL_PREFIX = ".partial-"  # temp files of atomic writes; a killed build may leave them
 TUNES_PER_TASK = 50  # ABC tunes converted per worker task (the file is read and split once)
 CHECKPOINT_EVERY = 200  # pieces between metadata checkpoints, so a killed full build resumes
 
@@ -204,16 +210,17 @@ def list_demo_pieces(config: DemoCorpusConfig) -> list[DemoPiece]:
     return pieces
 
 
-def _seeded_subset(candidates: list[DemoPiece], count: int | None, seed: str) -> list[DemoPiece]:
+def _seeded_subset(candidates: tuple[DemoPiece, ...], count: int | None, seed: str) -> list[DemoPiece]:
     if count is None or count >= len(candidates):
-        return candidates
+        return list(candidates)
     # A shuffle (not random.sample) so that a bigger count extends a smaller one's choice.
     positions = list(range(len(candidates)))
     random.Random(seed).shuffle(positions)
     return [candidates[position] for position in sorted(positions[:count])]
 
 
-def _collection_candidates(collection: str) -> list[DemoPiece]:
+@functools.cache  # the installed corpus does not change while a process runs
+def _collection_candidates(collection: str) -> tuple[DemoPiece, ...]:
     """Every distinct piece of a collection, in sorted source order."""
     seen_identities = set()
     pieces = []
@@ -225,7 +232,7 @@ def _collection_candidates(collection: str) -> list[DemoPiece]:
     slugs = [piece.slug for piece in pieces]
     if len(set(slugs)) != len(slugs):
         raise RuntimeError(f"{collection}: two pieces share a file name")
-    return pieces
+    return tuple(pieces)
 
 
 def _collection_sources(collection: str) -> list[Path]:
@@ -331,7 +338,7 @@ def _convert_piece(
     try:
         score = parse_piece(path, tunes[piece.tune_index].text if tunes is not None else None)
         midi_bytes, repeats_expanded = score_to_piano_midi(score)
-        write_atomic(out_dir / piece.relpath, midi_bytes)
+        write_bytes_atomic(out_dir / piece.relpath, midi_bytes)
         return _PieceResult(piece.relpath, labels=_labels(piece, score, repeats_expanded))
     except Exception as error:  # one bad piece must not stop the build
         return _PieceResult(piece.relpath, error=f"{type(error).__name__}: {error}")
@@ -433,20 +440,6 @@ def _labels(piece: DemoPiece, score: stream.Score, repeats_expanded: bool) -> di
     }
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder, so a killed process leaves no partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile: its 0600 mode would stick to the final file.
-    partial = path.with_name(f"{PARTIAL_PREFIX}{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(partial, "xb") as partial_file:
-            partial_file.write(data)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # Build
 
@@ -463,7 +456,7 @@ def build_demo_corpus(
     started = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_partial_files(out_dir)
+    remove_partial_files(out_dir)
     selected = list_demo_pieces(config)
     cached_labels = _cached_labels(out_dir, selected)
     state = _BuildState(config, pieces=dict(cached_labels))
@@ -476,11 +469,6 @@ def build_demo_corpus(
             progress(done, len(to_convert))
     _write_metadata(out_dir, state)
     return _report(selected, state, set(cached_labels), out_dir, time.perf_counter() - started)
-
-
-def _remove_partial_files(out_dir: Path) -> None:
-    for partial in out_dir.rglob(f"{PARTIAL_PREFIX}*"):
-        partial.unlink()
 
 
 def _cached_labels(out_dir: Path, selected: list[DemoPiece]) -> dict[str, dict]:
@@ -502,7 +490,7 @@ def _cached_labels(out_dir: Path, selected: list[DemoPiece]) -> dict[str, dict]:
 
 
 def _convert_all(pieces: list[DemoPiece], out_dir: Path, workers: int | None) -> Iterable[_PieceResult]:
-    """Yield one result per piece, converting one source file per task."""
+    """Yield one result per piece; a task is one source file (or up to 50 tunes of an opus)."""
     tasks = _group_by_source(pieces)
     worker_count = min(workers or os.cpu_count() or 1, max(len(tasks), 1))
     if worker_count == 1:
@@ -545,7 +533,6 @@ def _group_by_source(pieces: list[DemoPiece]) -> list[tuple[str, list[DemoPiece]
 def _record(state: _BuildState, result: _PieceResult) -> None:
     if result.error is None:
         state.pieces[result.relpath] = result.labels
-        state.failed.pop(result.relpath, None)
     else:
         state.failed[result.relpath] = result.error
 
@@ -558,7 +545,7 @@ def _write_metadata(out_dir: Path, state: _BuildState) -> None:
         "failed": dict(sorted(state.failed.items())),
     }
     text = json.dumps(metadata, indent=1, ensure_ascii=False)
-    write_atomic(out_dir / METADATA_FILE, text.encode("utf-8"))
+    write_bytes_atomic(out_dir / METADATA_FILE, text.encode("utf-8"))
 
 
 def _report(

@@ -9,10 +9,10 @@ import music21
 import pytest
 
 from aria_model import demo_corpus
+from aria_model.atomic_io import PARTIAL_PREFIX
 from aria_model.demo_corpus import (
     COLLECTIONS,
     METADATA_FILE,
-    PARTIAL_PREFIX,
     DemoCorpusConfig,
     build_demo_corpus,
     corpus_root,
@@ -22,7 +22,6 @@ from aria_model.demo_corpus import (
     parse_piece,
     read_abc_tunes,
     score_to_piano_midi,
-    write_atomic,
 )
 
 RYAN_TUNE_TYPES = {"reel", "jig", "hornpipe", "strathspey", "clog", "slip jig", "highland fling"}
@@ -137,14 +136,10 @@ def test_full_listing_skips_analyses_and_duplicate_transcriptions():
     bach_sources = [piece.source for piece in full if piece.collection == "bach"]
     assert not any(source.endswith(".rntxt") for source in bach_sources)
     assert "bach/bwv277.mxl" in bach_sources and "bach/bwv277.krn" not in bach_sources
-    tunes_by_source = {
-        piece.source: read_abc_tunes(corpus_root() / piece.source)
-        for piece in full if piece.collection == "oneills1850"
-    }
-    oneill_numbers = [
-        demo_corpus.ONEILL_NUMBER.search(tunes_by_source[piece.source][piece.tune_index - 1].header.get("B", ""))
-        for piece in full if piece.collection == "oneills1850"
-    ]
+    oneills = [piece for piece in full if piece.collection == "oneills1850"]
+    tunes_by_source = {piece.source: read_abc_tunes(corpus_root() / piece.source) for piece in oneills}
+    book_fields = [tunes_by_source[piece.source][piece.tune_index - 1].header.get("B", "") for piece in oneills]
+    oneill_numbers = [demo_corpus.ONEILL_NUMBER.search(book_field) for book_field in book_fields]
     numbers = [int(match.group(1)) for match in oneill_numbers if match]
     assert len(numbers) == len(set(numbers)) > 1500
     assert len({piece.relpath for piece in full}) == len(full)
@@ -174,17 +169,10 @@ def test_build_leaves_no_partial_files_and_cleans_stale_ones(tmp_path):
     stale = tmp_path / "ryansMammoth" / f"{PARTIAL_PREFIX}killed.mid.tmp"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"half a file")
-    build_demo_corpus(tmp_path, DemoCorpusConfig(collections=("ryansMammoth",), pieces_per_collection=1, workers=1))
+    one_tune = DemoCorpusConfig(collections=("ryansMammoth",), pieces_per_collection=1, workers=1)
+    build_demo_corpus(tmp_path, one_tune)
     assert not list(tmp_path.rglob(f"{PARTIAL_PREFIX}*"))
     assert len(midi_files(tmp_path)) == 1
-
-
-def test_write_atomic_failure_leaves_no_partial_file(tmp_path):
-    target = tmp_path / "piece.mid"
-    target.mkdir()  # os.replace cannot put a file over a folder
-    with pytest.raises(OSError):
-        write_atomic(target, b"MThd")
-    assert [path.name for path in tmp_path.iterdir()] == ["piece.mid"]
 
 
 def test_force_piano_rewrites_programs_and_drum_channel():
