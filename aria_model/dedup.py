@@ -203,7 +203,8 @@ _CATALOGUE = re.compile(
     r"(?P<number>\d+)(?P<suffix>[a-z](?![a-z0-9]))?"  # BWV 1007a, but not the n of "op10n3"
 )
 _BARE_NUMBER = re.compile(r"\s*\d+\s*")
-_PIECE_AFTER_NUMBER = re.compile(r"^\s*[,;]?\s*(?:(?:no|nr|n|num|number)\.?|#|/)\s*(\d+)")
+# "No. 3", "n3", "#3", "/3", or a dotted movement number: BWV 248.53 is movement 53 of BWV 248.
+_PIECE_AFTER_NUMBER = re.compile(r"^(?:\s*[,;.]?\s*(?:(?:no|nr|n|num|number)\.?|#|/)\s*|\.)(\d+)")
 _FIRST_NUMBER = re.compile(r"\d+")
 _ROMAN = {"i": 1, "v": 5, "x": 10, "l": 50, "c": 100}
 

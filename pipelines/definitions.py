@@ -2,11 +2,11 @@
 
 import dagster as dg
 
-from assets import demo_corpus, midi_notes, opus_dedup, raw_midi_manifest
+from assets import demo_corpus, midi_notes, opus_dedup, quality_filter, raw_midi_manifest, token_shards
 from pipelines.jobs import ingest_job
 from pipelines.resources import AriaHome, MidiSource
 
-ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup]
+ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards]
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 ASSET_CHECKS = dg.load_asset_checks_from_modules(ASSET_MODULES)
 

@@ -102,6 +102,9 @@ def rows_by_file(result) -> dict[str, dict]:
     (("J. S. Bach", "BWV 846", None), "bach|bwv846|"),
     (("Bach, Johann Sebastian", "bwv846", None), "bach|bwv846|"),
     (("Bach", "BWV 1007a", None), "bach|bwv1007a|"),
+    (("bach", None, None, "bwv248.53-5"), "bach|bwv248|53"),  # movement 53 of the Christmas Oratorio
+    (("bach", None, None, "bwv248.12-2"), "bach|bwv248|12"),  # a different chorale of the same work
+    (("Chopin", "Op. 10. No. 3", None), "chopin|op10|3"),
     (("Mozart", "K. 331", None), "mozart|k331|"),
     (("Mozart", "KV 331 (300i)", None), "mozart|k331|"),
     (("Scarlatti", "Kk. 380", None), "scarlatti|k380|"),
