@@ -89,6 +89,11 @@ def test_demo_corpus_is_the_default_source(instance, tmp_path, monkeypatch):
     assert set(manifest["collection"].to_pylist()) == {"bach", "ryansMammoth"}
     assert manifest["tune_type"].drop_null().to_pylist()  # labels travel with the files
     assert _materialization(instance, "midi_notes")["dagster/row_count"] == 6
+    assert _materialization(instance, "opus_dedup")["dagster/row_count"] == 6
+    quality = _materialization(instance, "quality_filter")
+    assert quality["preset"] == "scores" and quality["dagster/row_count"] == 6
+    shards = _materialization(instance, "token_shards")
+    assert shards["dagster/row_count"] == quality["passed"] > 0
 
 
 def test_cli_job_execute_with_source_and_home_env(tmp_path, mixed_source):
