@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 logger = logging.getLogger(__name__)
 
@@ -158,10 +159,44 @@ class ManifestResult:
     layout: str
 
 
-def resolve_source(explicit: str | None) -> Path | None:
-    """The source folder: ``explicit``, else $ARIA_SOURCE, else None (the embedded demo corpus)."""
-    chosen = explicit or os.environ.get(SOURCE_ENV_VAR)
-    return Path(chosen).expanduser() if chosen else None
+def resolve_sources(explicit: str | None) -> list[Path]:
+    """The source folders: ``explicit``, else $ARIA_SOURCE; several are separated by ``os.pathsep``
+    (like PATH). An empty list means the embedded demo corpus."""
+    chosen = explicit or os.environ.get(SOURCE_ENV_VAR) or ""
+    return [Path(part).expanduser() for part in chosen.split(os.pathsep) if part.strip()]
+
+
+def build_manifest_for_sources(
+    source_dirs: list[str | Path],
+    previous: pa.Table | None = None,
+    layout: str | None = None,
+    workers: int = DEFAULT_HASH_WORKERS,
+) -> ManifestResult:
+    """One manifest over several source folders, each walked incrementally on its own.
+
+    Rows of ``previous`` under a folder that is no longer listed count as removed.
+    """
+    if not source_dirs:
+        raise SourceError("no source folder given")
+    results = []
+    claimed = 0
+    for folder in source_dirs:
+        own_previous = _rows_under(previous, Path(folder)) if previous is not None else None
+        claimed += own_previous.num_rows if own_previous is not None else 0
+        results.append(build_manifest(folder, previous=own_previous, layout=layout, workers=workers))
+    table = pa.concat_tables([r.table for r in results]).sort_by([("path", "ascending")])
+    totals = {name: sum(getattr(r.stats, name) for r in results) for name in ManifestStats.__dataclass_fields__}
+    totals["files_removed"] += (previous.num_rows if previous is not None else 0) - claimed
+    return ManifestResult(
+        table=table,
+        stats=ManifestStats(**totals),
+        layout=",".join(sorted({r.layout for r in results})),
+    )
+
+
+def _rows_under(table: pa.Table, folder: Path) -> pa.Table:
+    root = str(folder.expanduser().resolve()).rstrip(os.sep) + os.sep
+    return table.filter(pc.starts_with(table["path"], root))
 
 
 @functools.lru_cache(maxsize=1 << 14)  # a million files share a few thousand composer spellings

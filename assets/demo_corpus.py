@@ -34,9 +34,10 @@ def demo_corpus(
     Used as the source when no MIDI folder is configured ($ARIA_SOURCE or the
     ``source`` resource); with a source configured it builds nothing.
     """
-    if source.folder is not None:
-        context.log.info(f"source {source.folder} is configured; the demo corpus is not needed")
-        return dg.MaterializeResult(metadata={"skipped_for_source": str(source.folder)})
+    if source.folders:
+        named = ", ".join(str(folder) for folder in source.folders)
+        context.log.info(f"source {named} is configured; the demo corpus is not needed")
+        return dg.MaterializeResult(metadata={"skipped_for_source": named})
     out_dir = home.asset_dir("demo_corpus")
     settings = demo_corpus_config(config)
     report = build_demo_corpus(out_dir, settings, progress=progress_logger(context, 50))

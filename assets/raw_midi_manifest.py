@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aria_model.atomic_io import write_parquet_atomic
-from aria_model.sources import build_manifest
+from aria_model.sources import build_manifest_for_sources
 from assets.demo_corpus import demo_corpus
 from assets.metadata import markdown_table
 from pipelines.resources import AriaHome, MidiSource
@@ -23,15 +23,16 @@ def manifest_path(home: AriaHome):
 
 @dg.asset(group_name="ingest", kinds={"python", "parquet"}, deps=[demo_corpus])
 def raw_midi_manifest(context: dg.AssetExecutionContext, home: AriaHome, source: MidiSource) -> dg.MaterializeResult:
-    """Walk the source (Aria-MIDI, MAESTRO, plain tree or the demo corpus) into a manifest.
+    """Walk the source folders (Aria-MIDI, MAESTRO, plain trees, or the demo corpus) into one manifest.
 
     Incremental: files whose (path, size, mtime) match the previous manifest
-    keep their sha256 without being read again.
+    keep their sha256 without being read again; adding a folder to the source
+    list only reads that folder's files.
     """
-    folder = source.folder or home.asset_dir("demo_corpus")
+    folders = source.folders or [home.asset_dir("demo_corpus")]
     path = manifest_path(home)
     previous = pq.read_table(path) if path.exists() else None
-    result = build_manifest(folder, previous=previous, layout=source.layout)
+    result = build_manifest_for_sources(folders, previous=previous, layout=source.layout)
     write_parquet_atomic(result.table, path)
     stats = result.stats
     context.log.info(f"{stats.files_seen} files: {stats.files_hashed} hashed, {stats.files_reused} reused")
@@ -39,7 +40,7 @@ def raw_midi_manifest(context: dg.AssetExecutionContext, home: AriaHome, source:
         metadata={
             "dagster/row_count": result.table.num_rows,
             "path": dg.MetadataValue.path(str(path)),
-            "source": dg.MetadataValue.path(str(folder)),
+            "sources": dg.MetadataValue.md("\n".join(f"- `{folder}`" for folder in folders)),
             "layout": result.layout,
             "unique_contents": len(set(result.table["file_id"].to_pylist())),
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.as_dict().items()},

@@ -23,13 +23,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def prepare_environment(home: str | None, source: str | None) -> dict[str, str]:
     """Environment for a job run: ARIA_HOME, ARIA_SOURCE and an absolute DAGSTER_HOME with our dagster.yaml."""
+    from aria_model.sources import resolve_sources
     from pipelines.resources import HOME_ENV_VAR, default_home
 
     env = dict(os.environ)
     if home:
         env[HOME_ENV_VAR] = str(Path(home).expanduser().resolve())
     if source:
-        env["ARIA_SOURCE"] = str(Path(source).expanduser().resolve())
+        env["ARIA_SOURCE"] = os.pathsep.join(str(folder.resolve()) for folder in resolve_sources(source))
     aria_home = Path(env.get(HOME_ENV_VAR) or default_home())
     env[HOME_ENV_VAR] = str(aria_home)
     dagster_home = Path(env.get("DAGSTER_HOME") or aria_home / "dagster").resolve()
@@ -84,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", help="data home (default: $ARIA_HOME or ./.aria)")
     run = commands.add_parser("run", help="run a pipeline job")
     run.add_argument("job", help="job name, e.g. ingest")
-    run.add_argument("--source", help="MIDI folder to ingest (default: $ARIA_SOURCE or the demo corpus)")
+    run.add_argument("--source", help=f"MIDI folder(s) to ingest, several separated by '{os.pathsep}' "
+                                      "(default: $ARIA_SOURCE or the demo corpus)")
     run.add_argument("--home", help="data home (default: $ARIA_HOME or ./.aria)")
     run.add_argument("--config", "-c", help="run config YAML passed to dagster")
     tokenize = commands.add_parser("tokenize", help="print the Aria tokens of a MIDI file")

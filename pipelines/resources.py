@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from aria_model.sources import resolve_source
+from aria_model.sources import resolve_sources
 
 HOME_ENV_VAR = "ARIA_HOME"
 DEFAULT_HOME = ".aria"
@@ -33,11 +33,11 @@ class AriaHome(dg.ConfigurableResource):
 
 
 class MidiSource(dg.ConfigurableResource):
-    """The MIDI folder to ingest; unset means the embedded demo corpus."""
+    """The MIDI folders to ingest; unset means the embedded demo corpus."""
 
-    path: str | None = None  # None: $ARIA_SOURCE, else the demo corpus
-    layout: str | None = None  # aria_midi | maestro | demo | plain; None: detect
+    path: str | None = None  # None: $ARIA_SOURCE; several folders separated like PATH; neither: demo corpus
+    layout: str | None = None  # aria_midi | maestro | demo | plain; None: detect per folder
 
     @property
-    def folder(self) -> Path | None:
-        return resolve_source(self.path)
+    def folders(self) -> list[Path]:
+        return resolve_sources(self.path)

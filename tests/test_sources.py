@@ -19,7 +19,8 @@ from aria_model.sources import (
     build_manifest,
     composer_key,
     iter_midi_files,
-    resolve_source,
+    build_manifest_for_sources,
+    resolve_sources,
 )
 
 
@@ -425,10 +426,24 @@ def test_previous_manifest_without_needed_columns_is_rejected(aria_tree: Path):
         build_manifest(aria_tree, previous=pa.table({"path": ["x"]}))
 
 
-def test_resolve_source_prefers_explicit_then_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    monkeypatch.setenv("ARIA_SOURCE", str(tmp_path / "from_env"))
-    assert resolve_source(str(tmp_path / "explicit")) == tmp_path / "explicit"
-    assert resolve_source(None) == tmp_path / "from_env"
+def test_resolve_sources_prefers_explicit_then_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setenv("ARIA_SOURCE", f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
+    assert resolve_sources(str(tmp_path / "explicit")) == [tmp_path / "explicit"]
+    assert resolve_sources(None) == [tmp_path / "a", tmp_path / "b"]
 
     monkeypatch.delenv("ARIA_SOURCE")
-    assert resolve_source(None) is None
+    assert resolve_sources(None) == []
+
+
+def test_several_sources_make_one_manifest_each_walked_incrementally(tmp_path: Path, monkeypatch):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, names in ((first, ["a.mid", "b.mid"]), (second, ["c.mid"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(name.encode())
+    alone = build_manifest_for_sources([first])
+    both = build_manifest_for_sources([first, second], previous=alone.table)
+    assert both.table["relpath"].to_pylist() == ["a.mid", "b.mid", "c.mid"]
+    assert (both.stats.files_hashed, both.stats.files_reused, both.stats.files_removed) == (1, 2, 0)
+    only_second = build_manifest_for_sources([second], previous=both.table)
+    assert (only_second.stats.files_reused, only_second.stats.files_removed) == (1, 2)
