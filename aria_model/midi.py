@@ -1,8 +1,10 @@
 """MIDI file -> ``Performance``: Aria's MidiDict semantics on numpy arrays.
 
-``load_midi`` parses with mido (the parser of record) and reproduces what
-Aria's ``MidiDict`` + ``AbsTokenizer`` see, so that tokenizing a Performance
-gives Aria's ids exactly:
+``load_midi`` reproduces what Aria's ``MidiDict`` + ``AbsTokenizer`` see, so
+that tokenizing a Performance gives Aria's ids exactly. mido is the parser of
+record (``engine="mido"``); the default ``engine="fast"`` reads the same events
+with the compiled reader in ``aria_model.midi_fast`` and hands any file it does
+not support to mido (``Performance.parsed_by`` says which did the work):
 
 - note-on/off are paired per track and per (pitch, channel): a note-off (or
   note-on with velocity 0) closes every open note of that key that did not
@@ -60,6 +62,7 @@ class MidiError(ValueError):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        self.parsed_by: str | None = None  # set by load_midi, as on Performance
 
 
 @dataclass
@@ -71,6 +74,8 @@ class Performance:
     ``instrument`` indexes ``INSTRUMENTS``. ``instruments`` lists the instrument
     prefix classes of the file (programs declared on non-drum channels even
     without notes, plus "drum" when channel 9 has notes), as Aria derives them.
+    ``parsed_by``: "fast", "mido" or "mido-fallback" (the fast reader declined
+    the file) when made by ``load_midi``.
     """
 
     start_tick: np.ndarray
@@ -89,6 +94,7 @@ class Performance:
     texts: tuple[str, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
     n_parsed_notes: int = 0
+    parsed_by: str | None = None
 
     @property
     def n_notes(self) -> int:
@@ -155,33 +161,68 @@ class _TrackEvents:
     texts: list[str] = field(default_factory=list)
 
 
+ENGINES = ("fast", "mido")
+
+
 def load_midi(
     source: str | os.PathLike | bytes,
     metadata: dict[str, Any] | None = None,
     max_notes: int | None = None,
+    engine: str = "fast",
 ) -> Performance:
-    """Parse a MIDI file (path or bytes) into a Performance; raise MidiError if unusable."""
-    midi = _read_midi_file(source)
-    events = _extract_events(midi)
+    """Parse a MIDI file (path or bytes) into a Performance; raise MidiError if unusable.
+
+    ``engine``: "fast" (compiled reader, mido for the files it declines) or "mido".
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    events, ticks_per_beat, parsed_by = _read_events(_read_bytes(source), engine)
     n_parsed = len(events.note_start)
-    if max_notes is not None and n_parsed > max_notes:
-        raise MidiError("too_long", f"{n_parsed} notes exceed the limit of {max_notes}")
-    perf = _build_performance(events, midi.ticks_per_beat, metadata or {})
+    try:
+        if max_notes is not None and n_parsed > max_notes:
+            raise MidiError("too_long", f"{n_parsed} notes exceed the limit of {max_notes}")
+        perf = _build_performance(events, ticks_per_beat, metadata or {})
+    except MidiError as exc:
+        exc.parsed_by = parsed_by
+        raise
     perf.n_parsed_notes = n_parsed
+    perf.parsed_by = parsed_by
     return perf
 
 
-def _read_midi_file(source: str | os.PathLike | bytes) -> mido.MidiFile:
+def _read_bytes(source: str | os.PathLike | bytes) -> bytes:
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if not data:
         raise MidiError("empty_file", "file has 0 bytes")
     if not data.startswith(b"MThd"):
         raise MidiError("not_midi", f"no MThd header (starts with {data[:8]!r})")
+    return data
+
+
+def _read_events(data: bytes, engine: str) -> tuple[_TrackEvents, int, str]:
+    """(events, ticks per beat, which engine read them: "fast", "mido" or "mido-fallback")."""
+    parsed_by = "mido"
+    if engine == "fast":
+        from aria_model import midi_fast  # on first use: it imports this module, and numba is slow to load
+
+        try:
+            return (*midi_fast.read_events(data), "fast")
+        except midi_fast.Unsupported:
+            parsed_by = "mido-fallback"
+    try:
+        midi = _read_midi_file(data)
+    except MidiError as exc:
+        exc.parsed_by = parsed_by
+        raise
+    return _extract_events(midi), midi.ticks_per_beat, parsed_by
+
+
+def _read_midi_file(data: bytes) -> mido.MidiFile:
     try:
         midi = mido.MidiFile(file=io.BytesIO(data))
     except EOFError as exc:
         raise MidiError("truncated", f"file ends inside a chunk ({exc or 'unexpected end of data'})") from exc
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except Exception as exc:  # whatever mido rejects (e.g. KeySignatureError, a bare Exception) is a corrupt file
         raise MidiError("corrupt", f"{type(exc).__name__}: {exc}") from exc
     if midi.ticks_per_beat <= 0:
         raise MidiError("corrupt", f"unsupported time division {midi.ticks_per_beat} (SMPTE timing)")

@@ -8,7 +8,8 @@ tokenizer reproduces Aria's ids from the table without re-reading the MIDI.
 
 Files are parsed in worker processes; finished batches stream into one Parquet
 file per call (one row group per batch), so memory stays bounded by the
-batches in flight, not by the corpus.
+batches in flight, not by the corpus. ``load_midi``'s fast reader hands the
+files it does not support to mido; ``ParseReport.fallbacks`` counts them.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class ParseReport:
     notes: int = 0
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
+    fallbacks: int = 0  # files the fast reader handed to mido (parsed or quarantined)
 
 
 def performance_row(file_id: str, perf: Performance) -> dict:
@@ -122,37 +124,40 @@ def performance_from_row(row: dict, metadata: dict | None = None) -> Performance
     )
 
 
-def parse_one(file_id: str, path: str, limits: ParseLimits) -> tuple[str, dict]:
-    """("notes", row) or ("quarantine", row); never raises."""
+def parse_one(file_id: str, path: str, limits: ParseLimits) -> tuple[str, dict, str | None]:
+    """("notes" or "quarantine", row, which engine parsed it: see ``Performance.parsed_by``); never raises."""
     try:
         perf = load_midi(path, max_notes=limits.max_notes)
         row = performance_row(file_id, perf)
         if row["duration_ms"] > limits.max_duration_ms:
             raise MidiError("too_long", f"{row['duration_ms'] / 3.6e6:.1f} h exceeds {limits.max_duration_ms / 3.6e6:.1f} h")
-        return "notes", row
+        return "notes", row, perf.parsed_by
     except MidiError as exc:
-        return "quarantine", _quarantine_row(file_id, path, exc.reason, exc.message)
+        return "quarantine", _quarantine_row(file_id, path, exc.reason, exc.message), exc.parsed_by
     except OSError as exc:
-        return "quarantine", _quarantine_row(file_id, path, "unreadable", f"{type(exc).__name__}: {exc}")
+        return "quarantine", _quarantine_row(file_id, path, "unreadable", f"{type(exc).__name__}: {exc}"), None
     except Exception as exc:  # a parser bug must not stop the corpus; keep the evidence
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        return "quarantine", _quarantine_row(
-            file_id, path, "parser_error", f"{type(exc).__name__}: {exc} at {where.filename}:{where.lineno}"
-        )
+        message = f"{type(exc).__name__}: {exc} at {where.filename}:{where.lineno}"
+        return "quarantine", _quarantine_row(file_id, path, "parser_error", message), None
 
 
 def _quarantine_row(file_id: str, path: str, reason: str, message: str) -> dict:
     return {"file_id": file_id, "path": path, "reason": reason, "message": message, "parser_version": PARSER_VERSION}
 
 
-def _parse_batch(batch: list[tuple[str, str]], limits: ParseLimits) -> tuple[pa.Table, pa.Table]:
+def _parse_batch(batch: list[tuple[str, str]], limits: ParseLimits) -> tuple[pa.Table, pa.Table, int]:
+    """(notes rows, quarantine rows, how many files the fast reader handed to mido)."""
     notes, quarantine = [], []
+    fallbacks = 0
     for file_id, path in batch:
-        kind, row = parse_one(file_id, path, limits)
+        kind, row, parsed_by = parse_one(file_id, path, limits)
         (notes if kind == "notes" else quarantine).append(row)
+        fallbacks += parsed_by == "mido-fallback"
     return (
         pa.Table.from_pylist(notes, schema=NOTES_SCHEMA),
         pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA),
+        fallbacks,
     )
 
 
@@ -161,7 +166,9 @@ def _batches(files: list[tuple[str, str]], size: int) -> Iterator[list[tuple[str
         yield files[i : i + size]
 
 
-def _parse_in_workers(batches: Iterable[list], limits: ParseLimits, workers: int) -> Iterator[tuple[pa.Table, pa.Table]]:
+def _parse_in_workers(
+    batches: Iterable[list], limits: ParseLimits, workers: int
+) -> Iterator[tuple[pa.Table, pa.Table, int]]:
     """Yield parsed batches in input order, with at most 2 batches per worker in flight."""
     if workers <= 1:
         for batch in batches:
@@ -196,11 +203,12 @@ def parse_to_parquet(
     workers = workers or os.cpu_count() or 1
     with AtomicParquetWriter(notes_path, NOTES_SCHEMA) as notes_out, \
             AtomicParquetWriter(quarantine_path, QUARANTINE_SCHEMA) as quarantine_out:
-        for notes, quarantine in _parse_in_workers(_batches(sorted(files), batch_size), limits, workers):
+        for notes, quarantine, fallbacks in _parse_in_workers(_batches(sorted(files), batch_size), limits, workers):
             notes_out.write(notes)
             quarantine_out.write(quarantine)
             report.parsed += notes.num_rows
             report.quarantined += quarantine.num_rows
+            report.fallbacks += fallbacks
             report.notes += sum(notes["n_notes"].to_pylist())
             for reason in quarantine["reason"].to_pylist():
                 report.reasons[reason] = report.reasons.get(reason, 0) + 1

@@ -54,6 +54,8 @@ def midi_notes(context: dg.AssetExecutionContext, config: MidiNotesConfig, home:
         metadata={
             "dagster/row_count": summary["files"],
             "new_notes": report.notes,
+            # New files the compiled reader handed to mido (unsupported or corrupt bytes).
+            "mido_fallbacks": report.fallbacks,
             "corpus": dg.MetadataValue.md(markdown_table([summary])),
             "path": dg.MetadataValue.path(str(notes_dir)),
             **speed,
