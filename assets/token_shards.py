@@ -1,4 +1,9 @@
-"""token_shards: AbsTokenizer ids of the kept-and-passed files, Parquet shards split train/val/test by piece."""
+"""token_shards: AbsTokenizer ids of the kept-and-passed files, Parquet shards split train/val/test by piece.
+
+Incremental: shards of the previous set whose files are all still selected are carried over, shards
+that lost files are rewritten from their stored ids, and only files new to the set are tokenized
+(see aria_model.shards). ``rebuild: true`` tokenizes everything afresh.
+"""
 
 
 import dagster as dg
@@ -29,6 +34,7 @@ class TokenShardsConfig(dg.Config):
     test_fraction: float = ShardConfig.split_fractions[2]
     seed: int = ShardConfig.seed  # salts the cluster -> split hash
     workers: int | None = None  # None: all cores
+    rebuild: bool = False  # ignore the previous set: tokenize every file (packing in midi_notes order)
 
 
 def shards_root(home: AriaHome):
@@ -55,8 +61,9 @@ def shard_inputs(home: AriaHome) -> ShardInputs:
 def token_shards(context: dg.AssetExecutionContext, config: TokenShardsConfig, home: AriaHome) -> dg.MaterializeResult:
     """Tokenize every file dedup keeps and the quality filter passes into train/val/test shards.
 
-    A piece cluster never straddles splits. The new shard set replaces the old
-    one in a single atomic swap; an unchanged rerun writes identical bytes.
+    A piece cluster never straddles splits. The previous set's shards are reused where their files
+    still are selected, so new data costs tokenizing the new files only. The new shard set replaces
+    the old one in a single atomic swap; an unchanged rerun writes identical bytes.
     """
     settings = ShardConfig(
         shard_tokens=config.shard_tokens,
@@ -64,10 +71,15 @@ def token_shards(context: dg.AssetExecutionContext, config: TokenShardsConfig, h
         split_fractions=(config.train_fraction, config.val_fraction, config.test_fraction),
         seed=config.seed,
         workers=config.workers,
+        rebuild=config.rebuild,
     )
     report = build_token_shards(shard_inputs(home), shards_root(home), settings)
     manifest = report.manifest
-    context.log.info(f"{report.files} files, {report.tokens} tokens in {report.seconds:.1f} s")
+    build = report.build
+    context.log.info(
+        f"{report.files} files, {report.tokens} tokens in {report.seconds:.1f} s ({build['mode']}: {build['reason']}); "
+        f"shards reused {build['shards']['reused']}, rewritten {build['shards']['rewritten']}, "
+        f"new {build['shards']['new']}; files tokenized {build['files']['tokenized']}")
     per_split = [
         {"split": s, **{k: manifest["splits"][s][k] for k in ("files", "tokens", "clusters")},
          "shards": len(manifest["splits"][s]["shards"])}
@@ -84,12 +96,29 @@ def token_shards(context: dg.AssetExecutionContext, config: TokenShardsConfig, h
             "tokenizer_config_hash": manifest["tokenizer"]["config_hash"],
             "failed_files": len(manifest["failed"]),
             "missing_notes": len(manifest["missing_notes"]),
+            "build_mode": build["mode"],
+            "build_reason": build["reason"],
+            **{f"shards_{k}": v for k, v in build["shards"].items()},
+            **{f"files_{k}": v for k, v in build["files"].items()},
+            **{f"tokens_{k}": v for k, v in build["tokens"].items()},
+            "reuse": dg.MetadataValue.md(markdown_table(_reuse_rows(build))),
+            "unusable_shards": dg.MetadataValue.json(build["unusable_shards"]),
+            "known_failures": build["known_failures"],  # rejected by an earlier build, not retried
             "seconds": round(report.seconds, 2),
-            "tokens_per_s": round(report.tokens_per_s),
+            "tokens_per_s": round(report.tokens_per_s),  # of the whole set, reused or not
+            "tokenized_tokens_per_s": round(build["tokens"]["tokenized"] / report.seconds) if report.seconds else 0,
             "path": dg.MetadataValue.path(str(shards_root(home))),
             "manifest": dg.MetadataValue.path(str(shards_root(home) / MANIFEST_FILE)),
         }
     )
+
+
+def _reuse_rows(build: dict) -> list[dict]:
+    """What this run did with shards, files and tokens: reused as they were, copied from stored ids,
+    tokenized afresh, dropped."""
+    kinds = ("reused", "rewritten", "new", "removed", "copied", "tokenized", "dropped")
+    return [{"what": what, **{kind: build[what].get(kind, "") for kind in kinds}}
+            for what in ("shards", "files", "tokens")]
 
 
 @dg.asset_check(asset=token_shards, blocking=True)

@@ -62,14 +62,15 @@ class CuratedHome:
 
 
 def make_curated_home(home: Path, names=FILES) -> CuratedHome:
+    """Call again on the same home with more names to add files (only the new ones are parsed)."""
     source = home.parent / f"{home.name}_source"
-    source.mkdir(parents=True)
+    source.mkdir(parents=True, exist_ok=True)
     for name in names:
         shutil.copy(GOLDEN_DIR / "midi" / f"{name}.mid", source / f"{name}.mid")
     manifest = _manifest_with_metadata(build_manifest(source).table)
     inputs = ShardInputs(home / "midi_notes", home / "raw_midi_manifest" / "manifest.parquet",
                          home / "opus_dedup" / "dedup.parquet", home / "quality_filter" / "quality.parquet")
-    inputs.raw_manifest.parent.mkdir(parents=True)
+    inputs.raw_manifest.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(manifest, inputs.raw_manifest)
     files = list(zip(manifest["file_id"].to_pylist(), manifest["path"].to_pylist()))
     update_notes_tables(files, inputs.notes_dir, home / "midi_quarantine", workers=1)
@@ -93,7 +94,7 @@ def _write_dedup_and_quality(inputs: ShardInputs, file_id: dict[str, str], clust
     """Tables with exactly the upstream contracts' columns."""
     ids = sorted(cluster)
     dropped = file_id.get(DROPPED_BY_DEDUP)
-    inputs.dedup.parent.mkdir(parents=True)
+    inputs.dedup.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
         "file_id": ids,
         "cluster_id": [cluster[f] for f in ids],
@@ -102,7 +103,7 @@ def _write_dedup_and_quality(inputs: ShardInputs, file_id: dict[str, str], clust
     }), inputs.dedup)
     failed = file_id.get(FAILED_QUALITY)
     graded = [f for f in ids if f != file_id.get(NOT_IN_QUALITY)]
-    inputs.quality.parent.mkdir(parents=True)
+    inputs.quality.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({
         "file_id": graded,
         "passed": [f != failed for f in graded],
@@ -216,8 +217,13 @@ def test_shards_are_whole_row_groups_of_the_configured_size(built):
 
 def test_rerun_is_byte_identical_whatever_the_workers(curated, built, tmp_path):
     before = folder_bytes(built)
-    build_token_shards(curated.inputs, built, SMALL)
+    rerun = build_token_shards(curated.inputs, built, SMALL)
     assert folder_bytes(built) == before
+    # The rerun reused the set: every shard carried, nothing tokenized; the manifest keeps the first build's record.
+    assert rerun.build["mode"] == "incremental" and rerun.build["files"]["tokenized"] == 0
+    assert rerun.build["shards"]["reused"] == sum(len(s["shards"]) for s in rerun.manifest["splits"].values())
+    first_build = rerun.manifest["build"]
+    assert first_build["mode"] == "full" and first_build["files"]["tokenized"] == len(curated.selected)
     inputs = copy_home(curated, tmp_path / "copy")
     build_token_shards(inputs, tmp_path / "copy" / "token_shards", replace(SMALL, workers=2))
     assert folder_bytes(tmp_path / "copy" / "token_shards") == before
@@ -277,21 +283,41 @@ def test_token_shards_asset_materializes_with_checks(curated, tmp_path):
     upstream = [dg.AssetSpec(key) for key in ("opus_dedup", "quality_filter", "midi_notes", "raw_midi_manifest")]
     config = {"shard_tokens": 12_000, "row_group_tokens": 4_000, "train_fraction": 0.5, "val_fraction": 0.25,
               "test_fraction": 0.25, "workers": 1}
-    with dg.instance_for_test() as instance:
+
+    def materialize(instance) -> tuple[dict, dict]:
         result = dg.materialize(
             [token_shards, no_cluster_in_two_splits, shard_checksums_match, *upstream],
             resources={"home": AriaHome(path=str(home))},
             run_config=dg.RunConfig({"token_shards": {"config": config}}),
             instance=instance,
         )
-    assert result.success
-    (materialization,) = result.asset_materializations_for_node("token_shards")
-    metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
-    manifest = read_manifest(home / "token_shards")
-    assert metadata["dagster/row_count"] == len(curated.selected)
-    assert metadata["tokens"] == sum(manifest["splits"][s]["tokens"] for s in SPLITS) and metadata["tokens_per_s"] > 0
-    assert metadata["tokenizer_config_hash"] == AbsTokenizer().config.config_hash()
-    assert "| train |" in metadata["splits"] and metadata["train_files"] == manifest["splits"]["train"]["files"]
-    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert result.success
+        (materialization,) = result.asset_materializations_for_node("token_shards")
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        return {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}, checks
+
+    with dg.instance_for_test() as instance:
+        metadata, checks = materialize(instance)
+        manifest = read_manifest(home / "token_shards")
+        assert metadata["dagster/row_count"] == len(curated.selected)
+        assert metadata["tokens"] == sum(manifest["splits"][s]["tokens"] for s in SPLITS)
+        assert metadata["tokens_per_s"] > 0
+        assert metadata["tokenizer_config_hash"] == AbsTokenizer().config.config_hash()
+        assert "| train |" in metadata["splits"] and metadata["train_files"] == manifest["splits"]["train"]["files"]
+        assert checks == {"no_cluster_in_two_splits": True, "shard_checksums_match": True}
+        sharded = {row["file_id"] for rows in shard_rows(home / "token_shards").values() for row in rows}
+        assert sharded == curated.selected
+        assert metadata["build_mode"] == "full" and metadata["files_tokenized"] == len(curated.selected)
+        assert metadata["shards_new"] == metadata["shards"] and "| files |" in metadata["reuse"]
+
+        dropped = sorted(curated.selected)[0]  # dedup drops one file: its shard is rewritten, nothing tokenized
+        dedup = pq.read_table(home / "opus_dedup" / "dedup.parquet")
+        kept = pa.array([k and f != dropped for f, k in zip(dedup["file_id"].to_pylist(), dedup["kept"].to_pylist())])
+        pq.write_table(dedup.set_column(dedup.schema.get_field_index("kept"), "kept", kept),
+                       home / "opus_dedup" / "dedup.parquet")
+        metadata, checks = materialize(instance)
     assert checks == {"no_cluster_in_two_splits": True, "shard_checksums_match": True}
-    assert {row["file_id"] for rows in shard_rows(home / "token_shards").values() for row in rows} == curated.selected
+    assert metadata["build_mode"] == "incremental" and metadata["files_tokenized"] == 0
+    assert metadata["files_dropped"] == 1 and metadata["shards_rewritten"] + metadata["shards_removed"] == 1
+    assert metadata["shards_reused"] == metadata["shards"] - metadata["shards_rewritten"]
+    assert metadata["dagster/row_count"] == len(curated.selected) - 1
