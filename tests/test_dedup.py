@@ -1,5 +1,6 @@
 """opus_dedup: opus keys, exact copies, MinHash near-duplicates of real pieces, the cap, the asset."""
 
+import hashlib
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -11,8 +12,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from datasketch import MinHash
 
-from aria_model.dedup import DEDUP_SCHEMA, DedupConfig, content_hash, deduplicate, note_shingles, opus_key
+from aria_model.dedup import (
+    DEDUP_SCHEMA,
+    DedupConfig,
+    NoteParts,
+    _fingerprint_batch,
+    _signatures,
+    content_hash,
+    deduplicate,
+    note_shingles,
+    opus_key,
+)
 from aria_model.midi import load_midi
 from assets.opus_dedup import dedup_has_one_row_per_parsed_file, dedup_keeps_at_most_the_cap
 from pipelines.definitions import ASSET_CHECKS, ASSETS
@@ -332,8 +344,122 @@ def test_cap_ranks_by_score_then_notes_then_length_then_id():
 def test_result_does_not_depend_on_row_order_or_batching(proof_corpus, proof_result):
     table = proof_corpus[0]
     shuffled = table.take(np.random.default_rng(4).permutation(table.num_rows))
-    again = deduplicate(shuffled.to_batches(max_chunksize=37))
+    again = deduplicate(shuffled.to_batches(max_chunksize=37), workers=2)
     assert again.table.equals(proof_result.table)
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def test_workers_reading_parquet_parts_give_the_same_table(tmp_path, proof_corpus, proof_result):
+    table = proof_corpus[0]
+    shuffled = table.take(np.random.default_rng(6).permutation(table.num_rows))
+    parts = [tmp_path / "part-0.parquet", tmp_path / "part-1.parquet"]
+    pq.write_table(shuffled.slice(0, 200), parts[0], row_group_size=23)  # as midi_notes: many row groups
+    pq.write_table(shuffled.slice(200), parts[1], row_group_size=64)
+    one, two = (deduplicate(NoteParts(parts, batch_rows=50), workers=workers) for workers in (1, 2))
+    assert (one.stats.workers, two.stats.workers) == (1, 2)
+    assert _table_bytes(one.table) == _table_bytes(two.table) == _table_bytes(proof_result.table)
+    assert (one.stats.signatures, one.stats.candidate_pairs, one.stats.verified_pairs) == \
+        (two.stats.signatures, two.stats.candidate_pairs, two.stats.verified_pairs)
+
+
+def test_note_parts_read_only_the_wanted_files(tmp_path, proof_corpus):
+    table = proof_corpus[0]
+    pq.write_table(table, tmp_path / "part.parquet", row_group_size=16)
+    wanted = table["file_id"].to_pylist()[5::3]
+    subset = table.filter(pa.compute.is_in(table["file_id"], value_set=pa.array(wanted)))
+    result = deduplicate(NoteParts([tmp_path / "part.parquet"], pa.chunked_array([wanted]), batch_rows=40), workers=2)
+    assert result.table.equals(deduplicate(subset, workers=1).table)
+    assert deduplicate(NoteParts([tmp_path / "part.parquet"], ["no such file"])).table.num_rows == 0
+    pq.write_table(table.drop_columns(["pitch"]), tmp_path / "no_pitch.parquet")
+    with pytest.raises(ValueError, match=r"lack column\(s\) \['pitch'\]"):
+        deduplicate(NoteParts([tmp_path / "no_pitch.parquet"]))
+
+
+# The batch computations against the per-file definitions they replace
+
+
+def _reference_content_hash(onset_ms, duration, pitch, velocity) -> str:
+    """content_hash as first written, one file at a time."""
+    onset = np.asarray(onset_ms, np.int64)
+    onset = onset - onset.min() if len(onset) else onset
+    duration = np.asarray(duration, np.int64)
+    key = (onset << 14) | (np.asarray(pitch, np.int64) << 7) | np.asarray(velocity, np.int64)
+    order = np.argsort(key, kind="stable")
+    if np.any(key[order][1:] == key[order][:-1]):
+        order = np.lexsort((duration, key))
+    digest = hashlib.blake2b(key[order].tobytes(), digest_size=16)
+    digest.update(duration[order].tobytes())
+    return digest.hexdigest()
+
+
+def _reference_note_shingles(onset_ms, pitch, config: DedupConfig) -> np.ndarray:
+    """note_shingles as first written, one file at a time."""
+    onset, pitch = np.asarray(onset_ms, np.int64), np.asarray(pitch, np.int64)
+    if len(onset) == 0:
+        return np.zeros(0, np.uint32)
+    order = np.argsort(onset, kind="stable")
+    onset, pitch = onset[order], pitch[order]
+    starts = np.flatnonzero(np.diff(onset, prepend=onset[0] - config.chord_ms - 1) > config.chord_ms)
+    intervals = (np.clip(np.diff(np.maximum.reduceat(pitch, starts)), -12, 12) + 12).astype(np.uint32)
+    windows = len(intervals) - config.ngram + 1
+    if windows <= 0:
+        return np.zeros(0, np.uint32)
+    code = intervals[:windows].copy()
+    for offset in range(1, config.ngram):
+        code = code * np.uint32(25) + intervals[offset: offset + windows]
+    return np.unique(code)
+
+
+def _awkward_files(proof_corpus) -> pa.Table:
+    """Real takes and the files a batch could get wrong: empty, one note, a note twice, unsorted, late,
+    and a file a thousand years long, whose sort keys leave no room for the file number."""
+    table = proof_corpus[0].slice(0, 40)
+    rng = np.random.default_rng(7)
+    unsorted = rng.permutation(300)
+    twice = {"onset_ms": [0, 0, 0, 500, 500], "duration": [300, 100, 300, 50, 60], "pitch": [60, 60, 60, 64, 64],
+             "velocity": [80, 80, 80, 70, 70]}
+    extra = pa.table({
+        "file_id": ["empty", "one_note", "note_twice", "unsorted", "late_start", "millennium"],
+        "onset_ms": [[], [10], twice["onset_ms"], (unsorted * 97).tolist(), (np.arange(50) * 120 + 2**40).tolist(),
+                     [0, 2**45, 2**45 + 10]],
+        "duration": [[], [100], twice["duration"], [200] * 300, [100] * 50, [10] * 3],
+        "pitch": [[], [60], twice["pitch"], rng.integers(30, 90, 300).tolist(), (60 + np.arange(50) % 7).tolist(),
+                  [60, 62, 61]],
+        "velocity": [[], [80], twice["velocity"], [70] * 300, [80] * 50, [80] * 3],
+    }).cast(table.schema)
+    return pa.concat_tables([table.slice(0, 20), extra, table.slice(20)]).combine_chunks()
+
+
+def test_batch_content_hashes_and_shingles_match_the_per_file_definitions(proof_corpus):
+    table = _awkward_files(proof_corpus)
+    config = DedupConfig()
+    prints = _fingerprint_batch(table.to_batches()[0], config)
+    rows = table.to_pylist()
+    assert prints.content_hashes == [
+        _reference_content_hash(r["onset_ms"], r["duration"], r["pitch"], r["velocity"]) for r in rows
+    ] == [content_hash(r["onset_ms"], r["duration"], r["pitch"], r["velocity"]) for r in rows]
+    shingles = [_reference_note_shingles(r["onset_ms"], r["pitch"], config) for r in rows]
+    assert prints.shingle_counts.tolist() == [len(s) for s in shingles]
+    assert all(np.array_equal(note_shingles(r["onset_ms"], r["pitch"], config), s) for r, s in zip(rows, shingles))
+    assert prints.n_notes.tolist() == [len(r["pitch"]) for r in rows]
+    assert prints.length_ms.tolist() == [max((o + d for o, d in zip(r["onset_ms"], r["duration"])), default=0)
+                                         - min(r["onset_ms"], default=0) for r in rows]
+
+
+@pytest.mark.parametrize("chunk", [1 << 13, 97])  # 97: chunks that cut files in two
+def test_signatures_are_datasketch_minhash_bulk_values(proof_corpus, chunk):
+    config = DedupConfig()
+    rows = _awkward_files(proof_corpus).to_pylist()
+    sets = [s for s in (_reference_note_shingles(r["onset_ms"], r["pitch"], config) for r in rows) if len(s)]
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sets])])
+    values = _signatures(np.concatenate(sets), offsets, config, chunk=chunk)
+    bulk = MinHash.bulk([s.tolist() for s in sets], num_perm=config.num_perm, seed=config.seed, hashfunc=int)
+    assert values.dtype == np.uint32 and np.array_equal(values, np.stack([m.hashvalues for m in bulk]))
 
 
 # The asset, materialized with the ingest assets over real files
