@@ -16,16 +16,21 @@ note ends include the sustain pedal and channels of ignored instrument families 
 no program numbers; ``n_instruments`` counts the declared instrument classes but drums; ``length``
 runs from the first onset (Aria's Dec-2024 ``min_length``; its later ``length`` starts at tick 0).
 Windows and chunks use exact integer milliseconds where Aria adds floats of seconds.
+
+Each batch of files is staged as two Arrow tables (``quality_stage_files``: one row of note lists
+per file; ``quality_stage_notes``: one row of onsets per file and pitch) that the other queries
+read; the window tests walk each list once with DuckDB's ``list_reduce``, every window length in
+one query.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, replace
 from typing import Iterable, Iterator
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,8 +38,9 @@ from aria_model.midi import DRUM, DRUM_CHANNEL, INSTRUMENTS
 from aria_model.sql import run_sql
 
 NOTE_LENGTH_CAP_MS = 5000  # Aria's timing entropy caps note lengths at 5 s
-DEFAULT_BATCH_FILES = 20_000  # files staged in DuckDB at once: bounds memory, not results
-MAX_BATCH_FILES = 2**16  # quality_stage_notes packs the file number of a batch into 16 bits
+DEFAULT_BATCH_FILES = 20_000  # files staged at once: bounds memory, not results
+SCAN_BATCH_ROWS = 2048  # rows of a staged table per scan task at most: one DuckDB vector
+SCAN_BATCHES = 4  # shares of a staged table's notes that no scan task straddles (measured best of 1-16)
 
 
 @dataclass(frozen=True)
@@ -152,14 +158,14 @@ def evaluate_quality(
     """One row per file of the midi_notes parts (or of ``file_ids`` among them), in file_id order.
 
     Columns: file_id, passed, failed_rules (enabled rules that failed, in RULES order), then the
-    metrics. Files are staged ``batch_files`` at a time in temp tables of ``con`` (default: a
-    private in-memory database, since nothing here outlives the call).
+    metrics. Files are staged ``batch_files`` at a time as Arrow tables registered on ``con``
+    (default: a private in-memory database, since nothing here outlives the call).
     """
     parts = [str(p) for p in notes_parts]
     if not parts:
         raise ValueError("no midi_notes parts to evaluate")
-    if not 1 <= batch_files <= MAX_BATCH_FILES:
-        raise ValueError(f"batch_files must be within 1..{MAX_BATCH_FILES}, got {batch_files}")
+    if batch_files < 1:
+        raise ValueError(f"batch_files must be at least 1, got {batch_files}")
     con = con or duckdb.connect()
     wanted = sorted(set(file_ids)) if file_ids is not None else _file_ids(parts, con)
     batches = [_evaluate_batch(parts, batch, config, con) for batch in _batches(wanted, batch_files)]
@@ -177,20 +183,44 @@ def _batches(ids: list[str], size: int) -> Iterator[list[str]]:
         yield ids[start : start + size]
 
 
+# The staged batch: quality_stage_files' rows, and quality_stage_notes' rows built from them.
+STAGED_TABLES = ("quality_files", "quality_pitch_notes")
+
+
 def _evaluate_batch(parts: list[str], file_ids: list[str], config: QualityConfig, con) -> pa.Table:
     stage = {"notes": parts, "file_ids": file_ids, "drum_channel": DRUM_CHANNEL, "drum_instrument": INSTRUMENTS[DRUM]}
-    run_sql("quality_stage_files", stage, con)
-    run_sql("quality_stage_notes", {}, con)
-    results = [
-        run_sql("quality_file_stats", _file_stats_params(config), con),
-        run_sql("quality_longest_silence", {"max_silence_s": config.max_silence_s}, con),
-        *(_suffixed(run_sql("quality_note_density", _density_params(w), con), f"_{w.seconds}s")
-          for w in config.density_windows),
-        *(_suffixed(run_sql("quality_unique_pitch_window", _pitch_window_params(w), con), f"_{w.seconds}s")
-          for w in config.pitch_windows),
-        run_sql("quality_repetitive_content", _repetition_params(config), con),
-    ]
+    # Arrow tables, not DuckDB temp tables: writing list columns into DuckDB storage costs more
+    # than every query that reads them
+    files = run_sql("quality_stage_files", stage, con)
+    con.register("quality_files", _scan_batches(files, files["n_notes"]))
+    try:
+        pitches = run_sql("quality_stage_notes", {}, con)
+        con.register("quality_pitch_notes", _scan_batches(pitches, pc.list_value_length(pitches["onsets"])))
+        results = [
+            run_sql("quality_file_stats", _file_stats_params(config), con),
+            run_sql("quality_longest_silence", {"max_silence_s": config.max_silence_s}, con),
+            *_per_window(con, "quality_note_density", _density_params(config.density_windows), config.density_windows),
+            *_per_window(con, "quality_unique_pitch_window", _pitch_window_params(config.pitch_windows),
+                         config.pitch_windows),
+            run_sql("quality_repetitive_content", _repetition_params(config), con),
+        ]
+    finally:
+        for name in STAGED_TABLES:
+            con.unregister(name)
     return _verdict(results, config)
+
+
+def _scan_batches(table: pa.Table, notes: pa.ChunkedArray) -> pa.Table:
+    """The same rows, in record batches (DuckDB scans an Arrow table one batch per task) of at most
+    SCAN_BATCH_ROWS rows that never straddle a 1/SCAN_BATCHES share of the ``notes`` (per row). The
+    staged rows come shortest list first: cut by rows alone, the longest lists would all go to one
+    thread; cut much finer, list_reduce would step through vectors of a few long lists."""
+    weights = notes.to_numpy().astype(np.int64) + 1
+    ends = np.cumsum(weights)
+    share = np.searchsorted(ends, np.arange(1, SCAN_BATCHES) * ends[-1] / SCAN_BATCHES) if len(ends) else []
+    cuts = np.unique(np.concatenate([[0], share, np.arange(0, len(ends), SCAN_BATCH_ROWS), [len(ends)]]))
+    batches = [b for a, z in zip(cuts[:-1], cuts[1:]) for b in table.slice(a, z - a).to_batches()]
+    return pa.Table.from_batches(batches, table.schema)
 
 
 def _file_stats_params(config: QualityConfig) -> dict:
@@ -203,16 +233,29 @@ def _file_stats_params(config: QualityConfig) -> dict:
     return {"note_length_cap_ms": NOTE_LENGTH_CAP_MS, **{name: getattr(config, name) for name in names}}
 
 
-def _density_params(window: DensityWindow) -> dict:
+def _density_params(windows: tuple[DensityWindow, ...]) -> dict:
     return {
-        "window_s": window.seconds,
-        "max_notes_per_s": window.max_notes_per_s,
-        "max_notes_per_s_per_pitch": window.max_notes_per_s_per_pitch,
+        "windows": [w.seconds for w in windows],
+        "max_notes_per_s": [float(w.max_notes_per_s) for w in windows],
+        "max_notes_per_s_per_pitch": [float(w.max_notes_per_s_per_pitch) for w in windows],
     }
 
 
-def _pitch_window_params(window: PitchWindow) -> dict:
-    return {"window_s": window.seconds, "min_unique_pitches": window.min_unique_pitches}
+def _pitch_window_params(windows: tuple[PitchWindow, ...]) -> dict:
+    return {"windows": [w.seconds for w in windows], "min_unique_pitches": [w.min_unique_pitches for w in windows]}
+
+
+def _per_window(con, query: str, params: dict, windows: tuple) -> list[pa.Table]:
+    """Run a query that gives one row per file and window (in f, then window order) and split it into
+    one table per window, its metrics named after the window (file_id and verdicts keep their names)."""
+    if not windows:
+        return []
+    table = run_sql(query, params, con)
+    per_window = []
+    for i, window in enumerate(windows):
+        rows = table.take(pa.array(range(i, table.num_rows, len(windows)), pa.int64())).drop_columns(["window_s"])
+        per_window.append(_suffixed(rows, f"_{window.seconds}s"))
+    return per_window
 
 
 def _repetition_params(config: QualityConfig) -> dict:
@@ -246,14 +289,17 @@ def _verdict(results: list[pa.Table], config: QualityConfig) -> pa.Table:
             else:
                 metrics[name] = table[name]
     enabled = [rule for rule in RULES if rule in config.enabled and rule in rule_passed]
-    if enabled:
-        verdicts = zip(*(rule_passed[rule].to_pylist() for rule in enabled))
-    else:
-        verdicts = itertools.repeat((), len(file_id))
-    failed = [[rule for rule, ok in zip(enabled, row) if not ok] for row in verdicts]
+    # failed[i, j]: file i fails rule enabled[j] (a NULL verdict fails)
+    failed = np.zeros((len(file_id), len(enabled)), dtype=bool)
+    for j, rule in enumerate(enabled):
+        failed[:, j] = ~pc.fill_null(rule_passed[rule], False).to_numpy(zero_copy_only=False)
+    files, rules = np.nonzero(failed)  # file by file, rules in RULES order
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(files, minlength=len(file_id)))]).astype(np.int32)
     return pa.table({
         "file_id": file_id,
-        "passed": pa.array([not rules for rules in failed], pa.bool_()),
-        "failed_rules": pa.array(failed, pa.list_(pa.string())),
+        "passed": pa.array(~failed.any(axis=1), pa.bool_()),
+        "failed_rules": pa.ListArray.from_arrays(
+            offsets, pa.array(np.array(enabled, dtype=object)[rules], pa.string())
+        ),
         **metrics,
     })

@@ -1,28 +1,28 @@
--- Aria's whole-file tests over the staged batch (quality_files, quality_notes), one row per file
--- in quality_files order, with each test's verdict in a column named after the test.
--- Entropies are in bits (DuckDB's entropy() is base 2). Note lengths are rounded half-to-even to
--- 10 ms and capped at $note_length_cap_ms, as Aria rounds them with Python's round(x, -1).
+-- Aria's whole-file tests over the staged batch (quality_files, quality_pitch_notes), one row per
+-- file in quality_files' f order, with each test's verdict in a column named after the test.
+-- Entropies are in bits (DuckDB's entropy is base 2), over the non-drum notes. Note lengths are
+-- rounded half-to-even to 10 ms and capped at $note_length_cap_ms, as Aria rounds them with Python's
+-- round(x, -1).
 -- A file without non-drum notes fails every test on them, as in Aria.
-WITH tonal AS (
-    SELECT f,
-           avg(velocity) AS mean_velocity,
-           entropy(pitch) AS pitch_entropy,
-           count(DISTINCT pitch) AS unique_pitches,
-           -- FILTER, not NULL-skipping: least(NULL, x) is x in DuckDB
-           entropy(least(round_even(next_duration, -1), $note_length_cap_ms)) FILTER (next_duration IS NOT NULL)
-               AS length_entropy,
-           entropy(next_onset_gap) AS onset_gap_entropy
-    FROM quality_notes
+WITH pitches AS (
+    -- entropy from the notes per pitch: sum of p * log2(1 / p), as DuckDB's entropy() sums it
+    SELECT f, count(*) AS unique_pitches,
+           sum(len(onsets) / n_tonal_notes * log2(n_tonal_notes / len(onsets))) AS pitch_entropy
+    FROM quality_pitch_notes JOIN quality_files USING (f)
     GROUP BY f
 ), per_file AS (
     SELECT f, file_id, n_notes, n_tonal_notes, n_instruments, n_channels,
            coalesce(last_note_end - first_onset, 0) AS span_ms,
-           coalesce(mean_velocity, 0) AS mean_velocity,
+           coalesce(list_avg(tonal_velocity), 0) AS mean_velocity,
            coalesce(pitch_entropy, 0) AS pitch_entropy,
            coalesce(unique_pitches, 0) AS unique_pitches,
-           coalesce(length_entropy, 0) AS length_entropy,
-           coalesce(onset_gap_entropy, 0) AS onset_gap_entropy
-    FROM quality_files LEFT JOIN tonal USING (f)
+           -- Aria skips the first note and measures each onset from the one before it; lengths are
+           -- rounded in tens of ms (d / 10 is exact at the halves, and entropy sees classes, not values)
+           list_entropy(list_transform(tonal_duration[2:],
+                                       lambda d: least(round_even(d / 10, 0), $note_length_cap_ms / 10))) AS length_entropy,
+           list_entropy(list_transform(range(2, n_tonal_notes + 1), lambda i: tonal_onset[i] - tonal_onset[i - 1]))
+               AS onset_gap_entropy
+    FROM quality_files LEFT JOIN pitches USING (f)
 ), rates AS (
     SELECT *,
            span_ms / 1000 AS length_s,

@@ -1,37 +1,46 @@
--- Aria's note_density_in_interval for one window length $window_s: the most non-drum notes, and
--- the most notes of one pitch, in a window [start, start + $window_s s] (both ends inclusive) whose
--- start steps by 1 s from the first non-drum onset. Passes when neither exceeds its limit per second.
--- A window starting at second k holds seconds k .. k+S-1 plus the notes exactly on its end. One
--- starting at a second without notes holds no more than the next, so only seconds with notes
--- (of the pitch, per pitch) start a window.
-WITH window_notes AS (
-    SELECT f, max(notes) AS notes
-    FROM (
-        SELECT f,
-               sum(notes) OVER (w RANGE BETWEEN CURRENT ROW AND $window_s - 1 FOLLOWING)
-               + coalesce(sum(notes_on_start) OVER (w RANGE BETWEEN $window_s FOLLOWING AND $window_s FOLLOWING), 0)
-                   AS notes
-        FROM quality_seconds
-        WINDOW w AS (PARTITION BY f ORDER BY second)
-    )
-    GROUP BY f
+-- Aria's note_density_in_interval for each window length of $windows (seconds): the most non-drum
+-- notes, and the most notes of one pitch, in a window [start, start + S s] (both ends inclusive)
+-- whose start steps by 1 s from the first non-drum onset. Passes when neither exceeds its limit per
+-- second ($max_notes_per_s[i], $max_notes_per_s_per_pitch[i] for window i). One row per file and
+-- window, in f then $windows order.
+-- Times are counted in half-seconds from the first non-drum onset, h = 2 * second (+ 1 unless the
+-- note is right on the second), so the window starting at second k holds h in [2k, 2k + 2S].
+WITH windows AS (
+    SELECT i AS window_no, $windows[i] AS seconds, $max_notes_per_s[i] AS max_notes_per_s,
+           $max_notes_per_s_per_pitch[i] AS max_notes_per_s_per_pitch
+    FROM range(1, len($windows) + 1) AS t(i)
+), halves AS (
+    SELECT f, n_tonal_notes,
+           list_transform(tonal_onset, lambda onset: 2 * ((onset - first_tonal_onset) // 1000)
+                                                     + ((onset - first_tonal_onset) % 1000 > 0)::BIGINT) AS h
+    FROM quality_files
+    WHERE n_tonal_notes > 0
+), window_notes AS (
+    -- a window that only grows: it takes in each next note, and drops its first note instead of
+    -- growing when the two are too far apart; its final size is the most notes in any window
+    -- (windows start on the second of a note). (h | 1) + 2S - 1 is the last h of the window
+    -- starting on the second of h.
+    SELECT f, window_no,
+           list_reduce(h, lambda size, x, i: size + (x <= (h[i - size] | 1) + (2 * seconds - 1))::INTEGER, 0) AS notes
+    FROM halves, windows
 ), window_pitch_notes AS (
-    -- from the first note of a pitch in a second to the last note of that pitch at or before the
-    -- end of the window starting at that second; quality_notes_by_pitch numbers them consecutively
-    SELECT start.f, max(last.position - start.position + 1) AS notes
-    FROM (SELECT f, position, pitch_time - since_first_tonal % 1000 + $window_s * 1000 AS window_end
-          FROM quality_notes_by_pitch) AS start
-    ASOF JOIN (SELECT position, pitch_time FROM quality_notes_by_pitch WHERE last_at_onset) AS last
-        ON start.window_end >= last.pitch_time
-    GROUP BY start.f
+    -- the same per pitch (windows start on the second of a note of the pitch)
+    SELECT f, window_no,
+           max(list_reduce(h, lambda size, x, i: size + (x <= (h[i - size] | 1) + (2 * seconds - 1))::INTEGER, 0)) AS notes
+    FROM (SELECT f, list_transform(onsets, lambda onset: 2 * (onset // 1000) + (onset % 1000 > 0)::BIGINT) AS h
+          FROM quality_pitch_notes),
+         windows
+    GROUP BY f, window_no
 )
 SELECT file_id,
-       coalesce(window_notes.notes, 0) / $window_s AS max_notes_per_s,
-       coalesce(window_pitch_notes.notes, 0) / $window_s AS max_notes_per_s_per_pitch,
+       seconds AS window_s,
+       coalesce(window_notes.notes, 0) / seconds AS max_notes_per_s,
+       coalesce(window_pitch_notes.notes, 0) / seconds AS max_notes_per_s_per_pitch,
        n_tonal_notes > 0
-           AND window_notes.notes <= $max_notes_per_s * $window_s
-           AND window_pitch_notes.notes <= $max_notes_per_s_per_pitch * $window_s AS note_density_in_interval
+           AND window_notes.notes <= max_notes_per_s * seconds
+           AND window_pitch_notes.notes <= max_notes_per_s_per_pitch * seconds AS note_density_in_interval
 FROM quality_files
-LEFT JOIN window_notes USING (f)
-LEFT JOIN window_pitch_notes USING (f)
-ORDER BY f;
+CROSS JOIN windows
+LEFT JOIN window_notes USING (f, window_no)
+LEFT JOIN window_pitch_notes USING (f, window_no)
+ORDER BY f, window_no;

@@ -4,12 +4,12 @@
 -- As in Aria, a note exactly on the last onset falls outside the last chunk, empty chunks are left
 -- out (fewer than two chunks pass), and the 128 pitch probabilities of a chunk are floored at 1e-5.
 WITH long_pieces AS (
-    SELECT f, last_tonal_onset - first_tonal_onset AS span_ms
-    FROM quality_files
-    WHERE last_tonal_onset - first_tonal_onset >= $min_length_min * 60000
+    SELECT f, span_ms, unnest(tonal_onset) - first_tonal_onset AS since_first_tonal, unnest(tonal_pitch) AS pitch
+    FROM (SELECT *, last_tonal_onset - first_tonal_onset AS span_ms FROM quality_files)
+    WHERE span_ms >= $min_length_min * 60000
 ), chunks AS (
     SELECT f, $chunks * since_first_tonal // span_ms AS chunk, histogram(pitch) AS pitch_notes, count(*) AS notes
-    FROM quality_notes JOIN long_pieces USING (f)
+    FROM long_pieces
     WHERE $chunks * since_first_tonal // span_ms < $chunks
     GROUP BY ALL
 ), distributions AS (

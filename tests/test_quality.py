@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from aria_model.midi import DRUM_CHANNEL
-from aria_model.quality import RULES, PitchWindow, QualityConfig, evaluate_quality
+from aria_model.quality import RULES, DensityWindow, PitchWindow, QualityConfig, evaluate_quality
 from assets import demo_corpus, midi_notes, quality_filter, raw_midi_manifest
 from pipelines.resources import AriaHome, MidiSource
 from tests.conftest import GOOD_GOLDEN
@@ -191,6 +191,25 @@ def test_whole_file_metrics_match_python(random_results, piece):
     assert row["n_tonal_notes"] == len(tonal) and row["n_notes"] == len(piece.onset)
 
 
+def test_any_window_lengths_and_drums_leading_by_part_of_a_second(tmp_path):
+    # 1 s and 2 s windows break a pitch's run of window starts at most of its gaps; a drum 737 ms
+    # before the first non-drum note puts the unique-pitch windows off the density windows' seconds
+    pieces = [random_piece(seed, n=200, with_drums=seed % 2 == 0) for seed in range(20, 26)]
+    for piece in pieces[::2]:  # these start on a drum note
+        piece.onset = [0] + [t + 737 for t in piece.onset[1:]]
+    config = QualityConfig(density_windows=(DensityWindow(1, 60, 15), DensityWindow(7, 45, 10)),
+                           pitch_windows=(PitchWindow(1, 1), PitchWindow(2, 3), PitchWindow(13, 3)))
+    rows = evaluate(tmp_path, pieces, config)
+    for piece in pieces:
+        row = rows[piece.file_id]
+        for seconds in (1, 7):
+            notes_per_s, per_pitch = density(piece, seconds)
+            assert row[f"max_notes_per_s_{seconds}s"] == pytest.approx(notes_per_s)
+            assert row[f"max_notes_per_s_per_pitch_{seconds}s"] == pytest.approx(per_pitch)
+        for seconds in (1, 2, 13):
+            assert row[f"min_unique_pitches_{seconds}s"] == fewest_unique_pitches(piece, seconds)
+
+
 def test_windows_hold_the_notes_on_both_ends(tmp_path):
     # [0 s, 3 s] holds all seven notes of pitch 60, the one at 3000 ms included
     edge = Piece("edge", onset=[0, 500, 1000, 1500, 2000, 2500, 3000, 9000], duration=[100] * 8, pitch=[60] * 7 + [62])
@@ -220,6 +239,12 @@ def test_silence_is_measured_from_the_latest_end_so_far(tmp_path):
     # the long first note covers the second; the gap runs from 9000 (its end) to 12000
     piece = Piece("f", onset=[0, 1000, 12000, 12500], duration=[9000, 500, 100, 30000], pitch=[60, 62, 64, 65])
     assert evaluate(tmp_path, [piece])["f"]["longest_silence_s"] == 3.0
+
+
+def test_silence_follows_aria_through_negative_note_lengths(tmp_path):
+    # midi_notes holds some negative lengths; Aria's loop starts from the first note's end regardless
+    piece = Piece("f", onset=[0, 100, 5000, 5100], duration=[-26, 50, -10, 400], pitch=[60, 62, 64, 65])
+    assert evaluate(tmp_path, [piece])["f"]["longest_silence_s"] == pytest.approx(longest_silence_s(piece)) == 4.85
 
 
 def test_silence_never_spans_two_files(tmp_path):
