@@ -75,6 +75,7 @@ ARIA_MIDI_FILES = 1_186_253
 ARIA_MIDI_MEAN_LENGTH_S = 100_629 * 3600 / ARIA_MIDI_FILES  # ~305 s a file
 DEDUP_GOAL_S = 600.0  # 1.2M files in under 10 minutes
 QUALITY_GOAL_NOTES_PER_S = 10e6
+STAGES = ("dedup", "quality", "shards", "loader")  # --stages: in this order, each on the ones before
 TRAINER_TOKENS_PER_S: float | None = None  # what the trainer consumes; None until a trainer bench exists
 
 TICKS_PER_BEAT, TEMPO_US = 500, 500_000  # 1 tick = 1 ms (Aria's decoding timebase)
@@ -532,7 +533,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="timed quality passes, best reported (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="replication draws (default 0)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and print its path")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated stages to run, of {','.join(STAGES)} (default: all; shards "
+                             "needs dedup and quality, loader needs shards)")
     args = parser.parse_args(argv)
+    args.stages = [stage for stage in args.stages.split(",") if stage]
+    if unknown := set(args.stages) - set(STAGES):
+        parser.error(f"unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
+    if "shards" in args.stages and not {"dedup", "quality"} <= set(args.stages) or \
+            "loader" in args.stages and "shards" not in args.stages:
+        parser.error("shards needs dedup and quality, loader needs shards")
     if args.files < 8:
         parser.error("--files must be at least 8 (a quarter of the pieces is timed separately)")
 
@@ -570,11 +580,15 @@ def run(args: argparse.Namespace, work: Path) -> None:
               f"{corpus.notes:,} notes, {corpus.notes / args.files:,.0f} notes and {corpus.length_s:.0f} s a file")
         record("corpus: replicate -> midi_notes", stage.seconds, stage.cpu, args.files / stage.seconds, "files/s")
 
-        dedup = bench_dedup(corpus, work / "bench", args.workers)
-        quality = bench_quality(corpus, work / "bench", args.repeat)
-        shards = bench_shards(corpus, dedup, quality, work / "bench", args.workers, args.row_group_tokens,
-                              args.min_shard_files)
-        bench_loader(shards, args.seq_len, args.batch_size, args.workers, args.loader_tokens)
+        if "dedup" in args.stages:
+            dedup = bench_dedup(corpus, work / "bench", args.workers)
+        if "quality" in args.stages:
+            quality = bench_quality(corpus, work / "bench", args.repeat)
+        if "shards" in args.stages:
+            shards = bench_shards(corpus, dedup, quality, work / "bench", args.workers, args.row_group_tokens,
+                                  args.min_shard_files)
+        if "loader" in args.stages:
+            bench_loader(shards, args.seq_len, args.batch_size, args.workers, args.loader_tokens)
     record("total", total.seconds, total.cpu, quiet=True)
     print_table()
     print("seconds: wall; cpu s: this process's threads and its finished children. dedup 1.2M rows: estimated "
