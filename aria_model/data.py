@@ -398,12 +398,13 @@ class AriaDataModule(pl.LightningDataModule):
         sep_sequences: bool = False,
         shuffle_windows: int = WindowConfig.shuffle_windows,
         seed: int = 0,
+        augment: bool = True,
     ):
         super().__init__()
         self.shards_root = Path(shards_root).expanduser()
         self.batch_size, self.num_workers = batch_size, num_workers
         self.window_settings = {"seq_len": seq_len, "sep_sequences": sep_sequences,
-                                "shuffle_windows": shuffle_windows, "seed": seed}
+                                "shuffle_windows": shuffle_windows, "seed": seed, "augment": augment}
         self.train_windows: TokenWindows | None = None
         self.val_windows: TokenWindows | None = None
 
