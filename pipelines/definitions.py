@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets import demo_corpus, midi_notes, opus_dedup, quality_filter, raw_midi_manifest, token_shards
 from pipelines.jobs import ingest_job
-from pipelines.resources import AriaHome, MidiSource
+from pipelines.resources import AriaHome, MidiSource, MlflowTracking
 
 ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards]
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
@@ -14,5 +14,5 @@ defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=ASSET_CHECKS,
     jobs=[ingest_job],
-    resources={"home": AriaHome(), "source": MidiSource()},
+    resources={"home": AriaHome(), "source": MidiSource(), "mlflow": MlflowTracking()},
 )
