@@ -1,7 +1,9 @@
 """Small helpers that turn results into Dagster UI metadata."""
 
 
-from typing import Callable
+import base64
+import io
+from collections.abc import Callable
 
 import dagster as dg
 
@@ -24,3 +26,10 @@ def progress_logger(context: dg.AssetExecutionContext, every: int) -> Callable[[
             context.log.info(f"{done}/{total} ({100 * done / max(total, 1):.0f}%)")
 
     return progress
+
+
+def figure_markdown(figure, alt: str = "plot") -> dg.MetadataValue:
+    """A matplotlib figure shown inline in the Dagster UI (markdown with a PNG data URI)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})")

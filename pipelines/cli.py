@@ -2,6 +2,7 @@
 
     aria demo                      run the main job on the embedded demo corpus
     aria run ingest --source DIR   run a job on your own MIDI folder
+    aria run pretrain              pretrain on the current token shards (resumes a stopped run)
     aria tokenize FILE.mid         print Aria tokens (or ids) of a MIDI file
 
 Jobs run through ``dagster job execute`` against a persistent instance in
@@ -23,8 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def prepare_environment(home: str | None, source: str | None) -> dict[str, str]:
     """Environment for a job run: ARIA_HOME, ARIA_SOURCE and an absolute DAGSTER_HOME with our dagster.yaml."""
+    from aria_model.home import HOME_ENV_VAR, default_home
     from aria_model.sources import resolve_sources
-    from pipelines.resources import HOME_ENV_VAR, default_home
 
     env = dict(os.environ)
     if home:
@@ -42,9 +43,33 @@ def prepare_environment(home: str | None, source: str | None) -> dict[str, str]:
     return env
 
 
-def run_job(job: str, home: str | None, source: str | None, config: str | None) -> int:
+def missing_upstream(job: str, env: dict[str, str]) -> list[str]:
+    """Assets upstream of ``job``'s selection that have never been materialized in this instance."""
+    import dagster as dg
+
+    from pipelines.definitions import defs
+
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    graph = defs.resolve_asset_graph()
+    selected = defs.resolve_job_def(job).asset_layer.executable_asset_keys
+    upstream = dg.AssetSelection.assets(*selected).upstream().resolve(graph) - selected
+    with dg.DagsterInstance.get() as instance:
+        return sorted(key.to_user_string() for key in upstream
+                      if graph.get(key).is_materializable and instance.get_latest_materialization_event(key) is None)
+
+
+def run_job(job: str, home: str | None, source: str | None, config: str | None,
+            with_missing_upstream: bool = False) -> int:
     env = prepare_environment(home, source)
     command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "pipelines.definitions", "-j", job]
+    missing = missing_upstream(job, env) if with_missing_upstream else []
+    if missing:
+        from pipelines.definitions import defs
+
+        targets = sorted(k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys)
+        print(f"never materialized upstream of {job}: {', '.join(missing)}; materializing them first", flush=True)
+        command = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "pipelines.definitions",
+                   "--select", ",".join(missing + targets)]
     if config:
         command += ["-c", config]
     print(f"ARIA_HOME={env['ARIA_HOME']}  DAGSTER_HOME={env['DAGSTER_HOME']}", flush=True)
@@ -89,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: $ARIA_SOURCE or the demo corpus)")
     run.add_argument("--home", help="data home (default: $ARIA_HOME or ./.aria)")
     run.add_argument("--config", "-c", help="run config YAML passed to dagster")
+    run.add_argument("--with-missing-upstream", action="store_true",
+                     help="first materialize upstream assets that were never built (e.g. token_shards for pretrain)")
     tokenize = commands.add_parser("tokenize", help="print the Aria tokens of a MIDI file")
     tokenize.add_argument("file")
     tokenize.add_argument("--ids", action="store_true", help="print token ids instead of tokens")
@@ -106,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.pop("ARIA_SOURCE", None)
         return run_job(MAIN_JOB, args.home, None, None)
     if args.command == "run":
-        return run_job(args.job, args.home, args.source, args.config)
+        return run_job(args.job, args.home, args.source, args.config, args.with_missing_upstream)
     return tokenize_file(args.file, args.ids, args.seed)
 
 

@@ -2,17 +2,33 @@
 
 import dagster as dg
 
-from assets import demo_corpus, midi_notes, opus_dedup, quality_filter, raw_midi_manifest, token_shards
-from pipelines.jobs import ingest_job
+from assets import (
+                 demo_corpus,
+                 midi_notes,
+                 opus_dedup,
+                 pretrained_model,
+                 quality_filter,
+                 raw_midi_manifest,
+                 token_shards,
+)
+from pipelines.jobs import JOBS
 from pipelines.resources import AriaHome, MidiSource, MlflowTracking
 
-ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards]
+ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards,
+                 pretrained_model]
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 ASSET_CHECKS = dg.load_asset_checks_from_modules(ASSET_MODULES)
 
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=ASSET_CHECKS,
-    jobs=[ingest_job],
-    resources={"home": AriaHome(), "source": MidiSource(), "mlflow": MlflowTracking()},
+    jobs=JOBS,
+    resources={
+        "home": AriaHome(),
+        "source": MidiSource(),
+        "mlflow": MlflowTracking(),
+        # Training steps launch their scripts here; bind pipelines.slurm.PipesSlurmClient (or a k8s
+        # client) instead to train on a cluster: see docs/deploy.md.
+        "pipes_client": dg.PipesSubprocessClient(),
+    },
 )

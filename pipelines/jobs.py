@@ -8,6 +8,9 @@ INGEST_ASSETS = [
     "demo_corpus", "raw_midi_manifest", "midi_notes", "midi_quarantine",
     "opus_dedup", "quality_filter", "token_shards",
 ]
+TRAINING_ASSETS = ["pretrained_model"]
+# Jobs that occupy a GPU carry this tag; dagster.yaml lets one such run go at a time.
+GPU_TAGS = {"aria/resource": "gpu"}
 
 ingest_job = dg.define_asset_job(
     "ingest",
@@ -15,5 +18,22 @@ ingest_job = dg.define_asset_job(
     description="Demo corpus (when no source is set) -> manifest -> notes + quarantine -> dedup -> quality filter -> token shards.",
 )
 
-# The job the README's first command runs; it grows into the full pipeline.
-MAIN_JOB = "ingest"
+pretrain_job = dg.define_asset_job(
+    "pretrain",
+    selection=dg.AssetSelection.assets("pretrained_model"),
+    tags=GPU_TAGS,
+    description="Pretrain (or resume) the Aria transformer on the current token shards. "
+                "`aria run pretrain --with-missing-upstream` first materializes upstream assets that were never built.",
+)
+
+full_job = dg.define_asset_job(
+    "full",
+    selection=dg.AssetSelection.assets(*INGEST_ASSETS, *TRAINING_ASSETS),
+    tags=GPU_TAGS,
+    description="Everything: ingest -> pretrain.",
+)
+
+JOBS = [ingest_job, pretrain_job, full_job]
+
+# The job the README's first command runs.
+MAIN_JOB = "full"

@@ -1,7 +1,6 @@
 """Resources shared by the assets: where outputs live, which MIDI source to read, where MLflow records runs."""
 
 
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -9,6 +8,7 @@ from typing import Any
 
 import dagster as dg
 
+from aria_model.home import default_home
 from aria_model.sources import resolve_sources
 from aria_model.tracking import (
     DEFAULT_EXPERIMENT,
@@ -21,14 +21,6 @@ from aria_model.tracking import (
     Tracker,
     run_url,
 )
-
-HOME_ENV_VAR = "ARIA_HOME"
-DEFAULT_HOME = ".aria"
-
-
-def default_home() -> Path:
-    """$ARIA_HOME, else ``.aria`` in the working directory, always absolute."""
-    return Path(os.environ.get(HOME_ENV_VAR) or DEFAULT_HOME).expanduser().resolve()
 
 
 class AriaHome(dg.ConfigurableResource):

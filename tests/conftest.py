@@ -21,6 +21,17 @@ BAD_FILES = {
 GOOD_GOLDEN = ["basic.mid", "bwv66.6.mxl.mid", "miditok1_POP909_008.mid"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_home_outside_the_checkout(tmp_path_factory):
+    """Anything that falls back to the default data home (an MLflow store, model folders) writes
+    to a temporary one, never to ./.aria of the working tree."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ARIA_HOME", str(tmp_path_factory.mktemp("aria_home")))
+    patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def mixed_source(tmp_path) -> Path:
     """A plain source folder: three real MIDI files and one bad file per quarantine reason."""

@@ -40,7 +40,8 @@ from aria_model.notes_table import part_files
 from aria_model.shards import ShardConfig, build_token_shards
 from aria_model.tokenizer import AbsTokenizer
 from aria_model.training.callbacks import read_step_log
-from aria_model.training.contrastive import ContrastiveConfig, check_same_run, contrastive, main, resolved
+from aria_model.training.contrastive import RESUME_FIELDS, ContrastiveConfig, contrastive, main, resolved
+from aria_model.training.runner import check_resumable
 from tests.conftest import GOLDEN_DIR
 from tests.test_shards import make_curated_home
 
@@ -347,7 +348,7 @@ def test_a_run_resumes_mid_epoch_and_reproduces_the_uninterrupted_losses(home, p
     assert [r["step"] for r in got] == [str(s) for s in range(1, 7)]
     assert [(r["loss"], r["lr"]) for r in got] == [(r["loss"], r["lr"]) for r in expected]
     with pytest.raises(ValueError, match="different tau"):
-        check_same_run(restarted / "checkpoints" / "last.ckpt", resolved(replace(config, tau=0.5)))
+        check_resumable(restarted / "checkpoints" / "last.ckpt", resolved(replace(config, tau=0.5)), RESUME_FIELDS)
 
 
 def test_the_command_line_prints_the_resolved_config_and_rejects_missing_weights(home, pretrained, tmp_path, capsys):

@@ -21,14 +21,15 @@ from aria_model.training.callbacks import read_step_log
 from aria_model.training.config import OptimConfig, PretrainConfig
 from aria_model.training.lm_module import aria_loss
 from aria_model.training.optim import WARMUP_START, adamw, lr_factor
-from aria_model.training.pretrain import check_resumable, pretrain
+from aria_model.training.pretrain import pretrain
+from aria_model.training.runner import check_resumable
 from tests.test_shards import make_curated_home
 
 REPO = Path(__file__).resolve().parent.parent
 SHARDS = ShardConfig(shard_tokens=8_000, row_group_tokens=500, split_fractions=(0.6, 0.4, 0.0), seed=1, workers=1)
 # Small enough that a step takes tens of milliseconds on a loaded CI core.
 QUICK = ["model.max_seq_len=128", "data.seq_len=128", "data.batch_size=2", "data.num_workers=0",
-         "train.log_every=100", "optim.warmup_steps=4"]
+         "train.log_every=100", "optim.warmup_steps=4", "tracking.enabled=false"]
 
 
 @pytest.fixture(scope="module")

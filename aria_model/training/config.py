@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 from aria_model.model import ModelConfig
 
@@ -76,37 +77,35 @@ class TrackingConfig:
     enabled: bool = True
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("tiny"))
-    data: DataConfig = DataConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    out_dir: str = ""  # "" means <ARIA_HOME>/models/pretrain/<run_name>
-    run_name: str = ""  # "" means pretrain-<model preset>
+class RunConfig:
+    """What every run config (pretraining, contrastive) can do: presets, files, overrides, dicts.
+
+    Subclasses are frozen dataclasses of sections and set ``PRESETS`` (name -> factory).
+    """
+
+    PRESETS: ClassVar[dict[str, Callable[[], RunConfig]]] = {}
 
     @classmethod
-    def preset(cls, name: str) -> PretrainConfig:
+    def preset(cls, name: str):
         try:
-            make = _PRESETS[name]
+            make = cls.PRESETS[name]
         except KeyError:
-            raise ValueError(f"unknown pretrain preset {name!r}; choose one of {sorted(_PRESETS)}") from None
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose one of {sorted(cls.PRESETS)}") from None
         return make()
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], base: PretrainConfig | None = None) -> PretrainConfig:
+    def from_dict(cls, data: dict[str, Any], base=None):
         """``base`` (default: the defaults) updated with ``data``; a model given by name is a preset."""
         return _update(base or cls(), data, "")
 
     @classmethod
-    def from_file(cls, path: str | Path, base: PretrainConfig | None = None) -> PretrainConfig:
+    def from_file(cls, path: str | Path, base=None):
         path = Path(path)
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         return cls.from_dict(data, base)
 
-    def with_overrides(self, assignments: list[str]) -> PretrainConfig:
+    def with_overrides(self, assignments: list[str]):
         """Apply ``section.field=value`` strings; values parse as JSON, else stay strings."""
         config = self
         for assignment in assignments:
@@ -129,6 +128,17 @@ class PretrainConfig:
     def flat(self) -> dict[str, Any]:
         """``section.field -> value``, the form MLflow params and Dagster metadata take."""
         return _flatten(self.to_dict(), "")
+
+
+@dataclass(frozen=True)
+class PretrainConfig(RunConfig):
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("tiny"))
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    out_dir: str = ""  # "" means <ARIA_HOME>/models/pretrain/<run_name>
+    run_name: str = ""  # "" means pretrain
 
 
 def _update(obj: Any, data: dict[str, Any], where: str) -> Any:
@@ -215,4 +225,4 @@ def _medium() -> PretrainConfig:
     )
 
 
-_PRESETS = {"tiny": _tiny, "small": _small, "medium": _medium}
+PretrainConfig.PRESETS = {"tiny": _tiny, "small": _small, "medium": _medium}

@@ -52,6 +52,7 @@ class PretrainModule(pl.LightningModule):
         self._val = torch.zeros(2, dtype=torch.float64)  # summed masked loss and token count
         self.last_train_loss = math.nan
         self.last_val_loss = math.nan
+        self.last_val_step = -1  # the optimizer step last_val_loss was measured at
 
     def configure_model(self) -> None:
         if self.net is not None:
@@ -94,6 +95,7 @@ class PretrainModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         totals = self.trainer.strategy.reduce(self._val, reduce_op="sum")
+        self.last_val_step = self.trainer.global_step
         if totals[1] == 0:
             return
         self.last_val_loss = float(totals[0] / totals[1])
