@@ -50,11 +50,10 @@ import lightning.pytorch as pl
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 
-from aria_model.data import ResumableLoader, ResumePoint, _key, _worker_slot, shuffle_buffer
+from aria_model.data import ResumePoint, SplitDataModule, _key, _worker_slot, shuffle_buffer
 from aria_model.embedding import note_slice, read_weights
 from aria_model.midi import Performance
 from aria_model.model import AriaLoadReport, TransformerEMB, load_aria_state_dict
@@ -293,45 +292,18 @@ def _read_units(notes_dir: Path, wanted: set[str]) -> list[_NotesUnit]:
     return units
 
 
-class ContrastiveDataModule(pl.LightningDataModule):
-    """Train (``ResumableLoader``, resumable mid-epoch) and val loaders of view pairs.
-
-    Use ``Trainer(use_distributed_sampler=False)``: the datasets split the files
-    across ranks themselves. Ranks can get different numbers of batches, so under
-    DDP train by ``max_steps`` and bound validation with ``limit_val_batches``.
-    """
+class ContrastiveDataModule(SplitDataModule):
+    """Train and val loaders of view pairs (see ``SplitDataModule`` for DDP and resume)."""
 
     def __init__(self, shards_root: str | Path, notes_dir: str | Path, views: ViewConfig, batch_size: int,
                  num_workers: int = 2):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.shards_root, self.notes_dir = Path(shards_root).expanduser(), Path(notes_dir).expanduser()
-        self.views, self.batch_size, self.num_workers = views, batch_size, num_workers
-        self.train_pairs: ViewPairs | None = None
-        self.val_pairs: ViewPairs | None = None
+        self.views = views
 
-    def setup(self, stage: str | None = None) -> None:
-        rank, world_size = self._rank_and_world_size()
-        self.train_pairs = self._pairs("train", rank, world_size)
-        self.val_pairs = self._pairs("val", rank, world_size)
-
-    def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.train_pairs, self.batch_size, self.num_workers,
-                               pin_memory=torch.cuda.is_available())
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_pairs, batch_size=self.batch_size, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
-
-    def _pairs(self, split: str, rank: int, world_size: int) -> ViewPairs:
+    def split_dataset(self, split: str, rank: int, world_size: int) -> ViewPairs:
         config = replace(self.views, training=split == "train")
         return ViewPairs(self.shards_root, self.notes_dir, split, config, rank=rank, world_size=world_size)
-
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
 
 
 # -- the model ------------------------------------------------------------------------------------

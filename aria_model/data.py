@@ -376,18 +376,51 @@ def loader_position(batches_per_worker: list[int], taken: int) -> tuple[list[int
     return delivered, 0
 
 
-class AriaDataModule(pl.LightningDataModule):
-    """Train and val loaders over ``<home>/token_shards`` for a Lightning Trainer.
+class SplitDataModule(pl.LightningDataModule):
+    """Train and val loaders of a dataset that splits its own work across ranks and workers.
 
     Use ``Trainer(use_distributed_sampler=False)``: the datasets split the work
     across ranks themselves (rank and world size from the trainer), and a
     DistributedSampler would have nothing to sample. Ranks can get different
     numbers of batches, so under DDP train by ``max_steps`` and bound validation
-    with ``limit_val_batches`` (see ``TokenWindows.batches_per_rank``); a rank
-    that runs out early leaves the others waiting in the all-reduce.
-    The train loader is a ``ResumableLoader``: Lightning saves its state in
-    checkpoints and restores it, resuming mid-epoch.
+    with ``limit_val_batches``; a rank that runs out early leaves the others
+    waiting in the all-reduce. The train loader is a ``ResumableLoader``:
+    Lightning saves its state in checkpoints and restores it, resuming mid-epoch.
+    Subclasses say how to build a split's dataset (``split_dataset``).
     """
+
+    def __init__(self, batch_size: int, num_workers: int):
+        super().__init__()
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_data: IterableDataset | None = None
+        self.val_data: IterableDataset | None = None
+
+    def split_dataset(self, split: str, rank: int, world_size: int) -> IterableDataset:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world_size = self._rank_and_world_size()
+        self.train_data = self.split_dataset("train", rank, world_size)
+        self.val_data = self.split_dataset("val", rank, world_size)
+
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.train_data, self.batch_size, self.num_workers,
+                               pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_data, batch_size=self.batch_size, num_workers=self.num_workers,
+                          pin_memory=torch.cuda.is_available())
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+
+class AriaDataModule(SplitDataModule):
+    """Token windows of ``<home>/token_shards`` (see ``TokenWindows.batches_per_rank`` for DDP)."""
 
     def __init__(
         self,
@@ -400,34 +433,11 @@ class AriaDataModule(pl.LightningDataModule):
         seed: int = 0,
         augment: bool = True,
     ):
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.shards_root = Path(shards_root).expanduser()
-        self.batch_size, self.num_workers = batch_size, num_workers
         self.window_settings = {"seq_len": seq_len, "sep_sequences": sep_sequences,
                                 "shuffle_windows": shuffle_windows, "seed": seed, "augment": augment}
-        self.train_windows: TokenWindows | None = None
-        self.val_windows: TokenWindows | None = None
 
-    def setup(self, stage: str | None = None) -> None:
-        rank, world_size = self._rank_and_world_size()
-        self.train_windows = self._split_windows("train", rank, world_size)
-        self.val_windows = self._split_windows("val", rank, world_size)
-
-    def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.train_windows, self.batch_size, self.num_workers,
-                               pin_memory=torch.cuda.is_available())
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_windows, batch_size=self.batch_size, num_workers=self.num_workers,
-                          pin_memory=torch.cuda.is_available())
-
-    def _split_windows(self, split: str, rank: int, world_size: int) -> TokenWindows:
+    def split_dataset(self, split: str, rank: int, world_size: int) -> TokenWindows:
         config = WindowConfig.for_split(split, **self.window_settings)
         return TokenWindows(self.shards_root, split, config, rank=rank, world_size=world_size)
-
-    def _rank_and_world_size(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1

@@ -38,7 +38,6 @@ from aria_model.contrastive import (
     ContrastiveDataModule,
     ContrastiveModule,
     ViewConfig,
-    ViewPairs,
 )
 from aria_model.embedding import read_weights
 from aria_model.home import default_home
@@ -181,15 +180,6 @@ def view_config(config: ContrastiveConfig) -> ViewConfig:
                       shuffle_pairs=d.shuffle_pairs, seed=config.train.seed)
 
 
-def steps_per_epoch(config: ContrastiveConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch: the fewest batches any rank gets, over the accumulation."""
-    pairs = ViewPairs(config.data.shards, config.data.notes, "train", view_config(config), world_size=world_size)
-    batches = min(pairs.batches_per_rank(config.data.batch_size, config.data.num_workers))
-    if batches == 0:
-        raise ValueError(f"no training files in {config.data.shards}: the train split is empty")
-    return math.ceil(batches / config.train.grad_accum)
-
-
 def contrastive(config: ContrastiveConfig, report=print) -> ContrastiveResult:
     config = resolved(config)
     data = ContrastiveDataModule(config.data.shards, config.data.notes, view_config(config),
@@ -198,8 +188,7 @@ def contrastive(config: ContrastiveConfig, report=print) -> ContrastiveResult:
            f"init {config.init}")
     with mlflow_run(config, kind="contrastive") as (tracker, run_id):
         fitted = fit(config, make_module=lambda total, resuming: ContrastiveModule(config, total, load_init=not resuming),
-                     datamodule=data, steps_per_epoch=lambda world: steps_per_epoch(config, world),
-                     tokens_per_micro_batch=2 * config.data.batch_size * config.data.seq_len,
+                     datamodule=data, tokens_per_micro_batch=2 * config.data.batch_size * config.data.seq_len,
                      throughput_length=lambda batch: batch[0].numel() + batch[2].numel(),
                      logger=logger_for(tracker, run_id), report=report, same_run_fields=RESUME_FIELDS)
         module = fitted.module

@@ -26,11 +26,10 @@ lines go to stdout.
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, replace
 
-from aria_model.data import AriaDataModule, TokenWindows, WindowConfig
+from aria_model.data import AriaDataModule
 from aria_model.home import default_home
 from aria_model.training.config import PretrainConfig
 from aria_model.training.lm_module import PretrainModule
@@ -63,18 +62,6 @@ def resolved(config: PretrainConfig) -> PretrainConfig:
     return replace(config, data=data, run_name=run_name, out_dir=out_dir)
 
 
-def steps_per_epoch(config: PretrainConfig, world_size: int) -> int:
-    """Optimizer steps in one epoch: the fewest batches any rank gets, over the accumulation."""
-    windows = TokenWindows(config.data.shards, "train",
-                           WindowConfig.for_split("train", seq_len=config.data.seq_len,
-                                                  sep_sequences=config.data.sep_sequences, seed=config.train.seed),
-                           world_size=world_size)
-    batches = min(windows.batches_per_rank(config.data.batch_size, config.data.num_workers))
-    if batches == 0:
-        raise ValueError(f"no training windows in {config.data.shards}: the train split is empty")
-    return math.ceil(batches / config.train.grad_accum)
-
-
 def pretrain(config: PretrainConfig, report=print) -> PretrainResult:
     config = resolved(config)
     data = AriaDataModule(config.data.shards, seq_len=config.data.seq_len, batch_size=config.data.batch_size,
@@ -84,7 +71,6 @@ def pretrain(config: PretrainConfig, report=print) -> PretrainResult:
     tokens_per_micro_batch = config.data.batch_size * config.data.seq_len
     with mlflow_run(config, kind="pretrain") as (tracker, run_id):
         fitted = fit(config, make_module=lambda total, resuming: PretrainModule(config, total), datamodule=data,
-                     steps_per_epoch=lambda world: steps_per_epoch(config, world),
                      tokens_per_micro_batch=tokens_per_micro_batch,
                      throughput_length=lambda batch: batch[0].numel(), logger=logger_for(tracker, run_id),
                      report=report)

@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 
 from aria_model.atomic_io import write_json_atomic
+from aria_model.data import SplitDataModule
 from aria_model.home import default_home
 from aria_model.model import Block
 from aria_model.tracking import PARENT_RUN_ENV, Tracker
@@ -98,7 +99,7 @@ def strategy_for(train: TrainConfig):
 
 
 def fit(config: RunConfig, *, make_module: Callable[[int, bool], pl.LightningModule],
-        datamodule: pl.LightningDataModule, steps_per_epoch: Callable[[int], int], tokens_per_micro_batch: int,
+        datamodule: SplitDataModule, tokens_per_micro_batch: int,
         throughput_length: Callable[[Any], int], logger, report: Callable[[str], None],
         same_run_fields: tuple[str, ...] = ()) -> Fitted:
     """Train ``make_module(total_steps, resuming)`` to ``train.max_steps`` (or ``train.epochs``),
@@ -128,7 +129,7 @@ def fit(config: RunConfig, *, make_module: Callable[[int, bool], pl.LightningMod
             StepLog(out / "loss.csv", tokens_per_micro_batch, train.log_every, report),
         ],
     )
-    total_steps = train.max_steps or train.epochs * steps_per_epoch(trainer.world_size)
+    total_steps = train.max_steps or train.epochs * steps_per_epoch(datamodule, trainer.world_size, train.grad_accum)
     trainer.fit_loop.epoch_loop.max_steps = total_steps
 
     resume_from = 0
@@ -153,6 +154,15 @@ def fit(config: RunConfig, *, make_module: Callable[[int, bool], pl.LightningMod
     if trainer.is_global_zero:
         export_weights(checkpoints / "last.ckpt", out / "model.pt")
     return Fitted(trainer, module, seconds, resume_from, total_steps)
+
+
+def steps_per_epoch(datamodule: SplitDataModule, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch: the fewest batches any rank gets, over the accumulation."""
+    train = datamodule.split_dataset("train", 0, world_size)
+    batches = min(train.batches_per_rank(datamodule.batch_size, datamodule.num_workers))
+    if batches == 0:
+        raise ValueError("the train split is empty: no training batches")
+    return math.ceil(batches / grad_accum)
 
 
 def result_fields(fitted: Fitted, config: RunConfig) -> dict[str, Any]:
