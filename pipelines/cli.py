@@ -4,6 +4,7 @@
     aria run ingest --source DIR   run a job on your own MIDI folder
     aria run pretrain              pretrain on the current token shards (resumes a stopped run)
     aria tokenize FILE.mid         print Aria tokens (or ids) of a MIDI file
+    aria generate PROMPT.mid       continue a MIDI file with the latest pretrained model
 
 Jobs run through ``dagster job execute`` against a persistent instance in
 ``$ARIA_HOME/dagster`` (DAGSTER_HOME), so every run shows up in ``dagster dev``.
@@ -101,6 +102,43 @@ def tokenize_file(path: str, ids: bool, rng_seed: int | None) -> int:
     return 0
 
 
+def generate_file(args: argparse.Namespace) -> int:
+    """Continue ``args.prompt``: MIDI + piano roll per variation, then their paths and tempo drift."""
+    import torch
+
+    from aria_model.generation import GenerationConfig, find_weights, generate, load_generator, write_samples
+    from aria_model.home import default_home
+    from aria_model.midi import MidiError, load_midi
+    from aria_model.tokenizer import AbsTokenizer
+
+    try:
+        weights = Path(args.model) if args.model else find_weights(default_home(), args.run)
+        if not weights.exists():
+            raise FileNotFoundError(f"no model at {weights}; train one with `aria run pretrain --with-missing-upstream`")
+        perf = load_midi(args.prompt)
+        config = GenerationConfig(prompt_seconds=args.seconds, length=args.length, variations=args.variations,
+                                  temperature=args.temperature, min_p=args.min_p, top_p=args.top_p,
+                                  force_end=args.end, compile=args.compile)
+        model = load_generator(weights, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        samples = generate(model, AbsTokenizer(), perf, config, seed=args.seed, progress=True)
+    except MidiError as exc:
+        print(f"error: cannot read {args.prompt}: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:  # no model, bad settings, a prompt too long for --end
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path("generated") / Path(args.prompt).stem
+    timing = samples[0].timing
+    print(f"model {weights} on {model.lm_head.weight.device}: prompt {timing.prompt_tokens} tokens, "
+          f"{timing.tokens_per_s:.1f} tokens/s, first token after {timing.first_token_s * 1e3:.0f} ms")
+    for sample, (midi, png) in zip(samples, write_samples(samples, out, title=Path(args.prompt).name)):
+        drift = sample.drift
+        print(f"{midi}  {png}  {sample.new_tokens} tokens{' (ended)' if sample.finished else ''}, "
+              f"{sample.continuation.n_notes} notes; IOI ratio {drift.ioi_ratio:.2f}, on the prompt's grid "
+              f"{drift.continuation_on_grid:.2f} (prompt {drift.prompt_on_grid:.2f}, chance {drift.chance_on_grid:.2f})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.jobs import MAIN_JOB
 
@@ -120,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("file")
     tokenize.add_argument("--ids", action="store_true", help="print token ids instead of tokens")
     tokenize.add_argument("--seed", type=int, help="shuffle prefixes and jitter <D> as in training")
+    gen = commands.add_parser("generate", help="continue a MIDI file with a pretrained model (Aria's `generate`)")
+    gen.add_argument("prompt", help="MIDI file whose first --seconds are the prompt")
+    which = gen.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model.pt (default: the newest <home>/models/pretrain/*/model.pt)")
+    which.add_argument("--run", help="use <home>/models/pretrain/RUN/model.pt")
+    gen.add_argument("--seconds", type=float, default=15.0, help="prompt length in seconds (default 15)")
+    gen.add_argument("--length", type=int, default=2048, help="new tokens per variation (default 2048)")
+    gen.add_argument("--variations", type=int, default=4, help="continuations of the prompt (default 4)")
+    gen.add_argument("--temperature", type=float, default=0.98, help="0 is greedy (default 0.98)")
+    gen.add_argument("--min-p", type=float, default=0.035, help="min-p sampling threshold (default 0.035)")
+    gen.add_argument("--top-p", type=float, help="sample top-p (0.5..1) instead of min-p")
+    gen.add_argument("--end", action="store_true", help="force an ending (<D>) within the last 130 tokens")
+    gen.add_argument("--seed", type=int, default=0, help="the same seed gives the same continuations")
+    gen.add_argument("--out", help="output folder (default: generated/<prompt name>)")
+    gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    gen.add_argument("--compile", action="store_true", help="CUDA graphs for the decode step (GPU; compiles first)")
     return parser
 
 
@@ -134,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(MAIN_JOB, args.home, None, None)
     if args.command == "run":
         return run_job(args.job, args.home, args.source, args.config, args.with_missing_upstream)
+    if args.command == "generate":
+        return generate_file(args)
     return tokenize_file(args.file, args.ids, args.seed)
 
 

@@ -4,6 +4,7 @@ import dagster as dg
 
 from assets import (
                  demo_corpus,
+                 generation_samples,
                  midi_notes,
                  opus_dedup,
                  pretrained_model,
@@ -15,7 +16,7 @@ from pipelines.jobs import JOBS
 from pipelines.resources import AriaHome, MidiSource, MlflowTracking
 
 ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards,
-                 pretrained_model]
+                 pretrained_model, generation_samples]
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 ASSET_CHECKS = dg.load_asset_checks_from_modules(ASSET_MODULES)
 

@@ -33,7 +33,14 @@ full_job = dg.define_asset_job(
     description="Everything: ingest -> pretrain.",
 )
 
-JOBS = [ingest_job, pretrain_job, full_job]
+generate_job = dg.define_asset_job(
+    "generate",
+    selection=dg.AssetSelection.assets("generation_samples"),
+    tags=GPU_TAGS,
+    description="Continue held-out prompts with the latest pretrained model: MIDI, piano rolls, tempo drift.",
+)
+
+JOBS = [ingest_job, pretrain_job, full_job, generate_job]
 
 # The job the README's first command runs.
 MAIN_JOB = "full"
