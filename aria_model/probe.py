@@ -329,8 +329,8 @@ def write_results(results: Sequence[ProbeResult], home: str | Path | None = None
     return path
 
 
-def plot_confusion(result: ProbeResult, path: str | Path) -> Path:
-    """The confusion matrix as a PNG (counts in the cells), written atomically."""
+def confusion_figure(result: ProbeResult):
+    """The confusion matrix as a matplotlib Figure (counts in the cells)."""
     # The Agg canvas directly: no pyplot, so no global backend is switched and no window opens.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -351,8 +351,13 @@ def plot_confusion(result: ProbeResult, path: str | Path) -> Path:
         axes.text(column, row, str(count), ha="center", va="center",
                   color="white" if count > darkest / 2 else "black", fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot_confusion(result: ProbeResult, path: str | Path) -> Path:
+    """The confusion matrix as a PNG, written atomically."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    confusion_figure(result).savefig(buffer, format="png")
     path = Path(path)
     write_bytes_atomic(path, buffer.getvalue())
     return path

@@ -103,8 +103,9 @@ TAG_SHARD_FILES = "token_shards.files"
 TAG_SHARD_TOKENS = "token_shards.tokens"
 TAG_TOKENIZER_HASH = "token_shards.tokenizer_hash"
 TAG_SOURCE_RUN = "source_run_id"
+TAG_INIT_RUN = "init_run_id"  # the run whose weights a run started from (contrastive <- pretrain)
 # Run tags a registered checkpoint carries over to its model version.
-LINEAGE_TAGS = (TAG_DAGSTER_RUN, TAG_MANIFEST_HASH, TAG_TOKENIZER_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY)
+LINEAGE_TAGS = (TAG_DAGSTER_RUN, TAG_MANIFEST_HASH, TAG_TOKENIZER_HASH, TAG_GIT_COMMIT, TAG_GIT_DIRTY, TAG_INIT_RUN)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARD_COLUMNS = ("split", "name", "rows", "tokens", "row_groups", "sha256")

@@ -1,6 +1,7 @@
 """``aria``: the command line for users who prefer it to the Dagster UI.
 
-    aria demo                      run the main job on the embedded demo corpus
+    aria demo                      run the main job on the embedded demo corpus, print the probe table
+    aria demo --probe-corpus       the same on 400 pieces per collection (100+ pieces per probe class)
     aria run ingest --source DIR   run a job on your own MIDI folder
     aria run pretrain              pretrain on the current token shards (resumes a stopped run)
     aria tokenize FILE.mid         print Aria tokens (or ids) of a MIDI file
@@ -57,6 +58,55 @@ def missing_upstream(job: str, env: dict[str, str]) -> list[str]:
     with dg.DagsterInstance.get() as instance:
         return sorted(key.to_user_string() for key in upstream
                       if graph.get(key).is_materializable and instance.get_latest_materialization_event(key) is None)
+
+
+# `aria demo`'s run config: the tiny presets with schedules cut to fit a few minutes on a laptop CPU
+# (the presets' own step counts are what `aria run full` and the library's tests use). Both
+# contrastive assets get the same overrides: the from-scratch baseline trains exactly as long.
+DEMO_PRETRAIN_OVERRIDES = ["train.max_steps=60", "train.val_every=30", "train.checkpoint_every=30"]
+DEMO_CONTRASTIVE_OVERRIDES = ["train.max_steps=20", "train.val_every=20", "train.checkpoint_every=20"]
+# 400 pieces per collection: 100+ pieces in every style class and in reel, jig and hornpipe.
+PROBE_CORPUS_PIECES = 400
+
+
+def demo_run_config(probe_corpus: bool = False) -> dict:
+    """The Dagster run config ``aria demo`` runs the main job with."""
+    contrastive = {"config": {"preset": "tiny", "overrides": DEMO_CONTRASTIVE_OVERRIDES}}
+    ops = {
+        "pretrained_model": {"config": {"preset": "tiny", "overrides": DEMO_PRETRAIN_OVERRIDES}},
+        "contrastive_model": contrastive,
+        "contrastive_scratch": contrastive,
+    }
+    if probe_corpus:
+        ops["demo_corpus"] = {"config": {"pieces_per_collection": PROBE_CORPUS_PIECES}}
+    # Every step in one process: a step process of the multiprocess executor spends 10-40 s importing
+    # torch, dagster and mlflow, more than most demo steps compute. Training still runs in its own
+    # process (Pipes), and demo_corpus and midi_notes still use every core.
+    return {"execution": {"config": {"in_process": {}}}, "ops": ops}
+
+
+def print_probe_results(home: Path) -> None:
+    """The probe table (``<home>/probe_eval/results.parquet``) and the probe dataset's pieces per class."""
+    import pyarrow.parquet as pq
+
+    from aria_model.probe import RESULT_COLUMNS, RESULTS_DIR, RESULTS_FILE
+    from aria_model.probe_data import read_probe_dataset
+    from assets.probe_dataset import ASSET_NAME as PROBE_DATASET
+    from assets.probe_dataset import PROBE_FILE
+
+    path = home / RESULTS_DIR / RESULTS_FILE
+    if not path.exists():
+        return
+    rows = pq.read_table(path, columns=list(RESULT_COLUMNS)).to_pylist()
+    print(f"\nLinear probes ({path}):")
+    print(f"{'task':12s} {'method':22s} {'accuracy':>8s} {'macro_f1':>8s} {'n_train':>7s} {'n_test':>6s}")
+    for row in rows:
+        print(f"{row['task']:12s} {row['method']:22s} {row['accuracy']:8.3f} {row['macro_f1']:8.3f} "
+              f"{row['n_train']:7d} {row['n_test']:6d}")
+    dataset = home / PROBE_DATASET / PROBE_FILE
+    if dataset.exists():
+        print("\nPieces per class (train / test split by piece):")
+        print(read_probe_dataset(dataset).describe())
 
 
 def run_job(job: str, home: str | None, source: str | None, config: str | None,
@@ -146,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help=f"run the main job ({MAIN_JOB}) on the embedded demo corpus")
     demo.add_argument("--home", help="data home (default: $ARIA_HOME or ./.aria)")
+    demo.add_argument("--probe-corpus", action="store_true",
+                      help=f"build {PROBE_CORPUS_PIECES} pieces per collection instead of 80, so that every style "
+                           "class and reel/jig/hornpipe has 100+ pieces (the corpus alone takes ~15 min on 2 cores)")
     run = commands.add_parser("run", help="run a pipeline job")
     run.add_argument("job", help="job name, e.g. ingest")
     run.add_argument("--source", help=f"MIDI folder(s) to ingest, several separated by '{os.pathsep}' "
@@ -185,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ARIA_SOURCE"):
             print("note: ARIA_SOURCE is set; `aria demo` ignores it and uses the demo corpus", file=sys.stderr)
         os.environ.pop("ARIA_SOURCE", None)
-        return run_job(MAIN_JOB, args.home, None, None)
+        env = prepare_environment(args.home, None)
+        config = Path(env["DAGSTER_HOME"]) / "demo_run_config.yaml"
+        config.write_text(json.dumps(demo_run_config(args.probe_corpus), indent=2))  # JSON is YAML
+        code = run_job(MAIN_JOB, args.home, None, str(config))
+        if code == 0:
+            print_probe_results(Path(env["ARIA_HOME"]))
+        return code
     if args.command == "run":
         return run_job(args.job, args.home, args.source, args.config, args.with_missing_upstream)
     if args.command == "generate":

@@ -3,11 +3,14 @@
 import dagster as dg
 
 from assets import (
+                 contrastive_model,
                  demo_corpus,
                  generation_samples,
                  midi_notes,
                  opus_dedup,
                  pretrained_model,
+                 probe_dataset,
+                 probe_eval,
                  quality_filter,
                  raw_midi_manifest,
                  token_shards,
@@ -16,7 +19,7 @@ from pipelines.jobs import JOBS
 from pipelines.resources import AriaHome, MidiSource, MlflowTracking
 
 ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards,
-                 pretrained_model, generation_samples]
+                 pretrained_model, contrastive_model, probe_dataset, probe_eval, generation_samples]
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 ASSET_CHECKS = dg.load_asset_checks_from_modules(ASSET_MODULES)
 

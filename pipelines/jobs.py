@@ -9,6 +9,8 @@ INGEST_ASSETS = [
     "opus_dedup", "quality_filter", "token_shards",
 ]
 TRAINING_ASSETS = ["pretrained_model"]
+FINETUNE_ASSETS = ["contrastive_model", "contrastive_scratch"]
+EVALUATE_ASSETS = ["probe_dataset", "probe_eval"]
 # Jobs that occupy a GPU carry this tag; dagster.yaml lets one such run go at a time.
 GPU_TAGS = {"aria/resource": "gpu"}
 
@@ -26,11 +28,27 @@ pretrain_job = dg.define_asset_job(
                 "`aria run pretrain --with-missing-upstream` first materializes upstream assets that were never built.",
 )
 
+finetune_job = dg.define_asset_job(
+    "finetune",
+    selection=dg.AssetSelection.assets(*FINETUNE_ASSETS),
+    tags=GPU_TAGS,
+    description="Contrastive fine-tune of the latest pretrained model into the embedding model, and the same "
+                "training from scratch (the paper's baseline). Resumes stopped runs.",
+)
+
+evaluate_job = dg.define_asset_job(
+    "evaluate",
+    selection=dg.AssetSelection.assets(*EVALUATE_ASSETS),
+    tags=GPU_TAGS,  # probe_eval embeds every probe file with three models
+    description="Labeled probe dataset (piece-disjoint split) -> linear probes of the contrastive, from-scratch, "
+                "mean-pooled LM, handcrafted and majority methods: <home>/probe_eval/results.parquet.",
+)
+
 full_job = dg.define_asset_job(
     "full",
-    selection=dg.AssetSelection.assets(*INGEST_ASSETS, *TRAINING_ASSETS),
+    selection=dg.AssetSelection.assets(*INGEST_ASSETS, *TRAINING_ASSETS, *FINETUNE_ASSETS, *EVALUATE_ASSETS),
     tags=GPU_TAGS,
-    description="Everything: ingest -> pretrain.",
+    description="Everything: ingest -> pretrain -> finetune -> evaluate.",
 )
 
 generate_job = dg.define_asset_job(
@@ -40,7 +58,7 @@ generate_job = dg.define_asset_job(
     description="Continue held-out prompts with the latest pretrained model: MIDI, piano rolls, tempo drift.",
 )
 
-JOBS = [ingest_job, pretrain_job, full_job, generate_job]
+JOBS = [ingest_job, pretrain_job, finetune_job, evaluate_job, full_job, generate_job]
 
 # The job the README's first command runs.
 MAIN_JOB = "full"
