@@ -6,6 +6,8 @@
     aria run pretrain              pretrain on the current token shards (resumes a stopped run)
     aria tokenize FILE.mid         print Aria tokens (or ids) of a MIDI file
     aria generate PROMPT.mid       continue a MIDI file with the latest pretrained model
+    aria compare                   params that differ between training runs, final losses, loss curves
+    aria embed DIR                 embed MIDI files with the latest contrastive model into Parquet
 
 Jobs run through ``dagster job execute`` against a persistent instance in
 ``$ARIA_HOME/dagster`` (DAGSTER_HOME), so every run shows up in ``dagster dev``.
@@ -189,6 +191,117 @@ def generate_file(args: argparse.Namespace) -> int:
     return 0
 
 
+EMBEDDINGS_FILE = "embeddings.parquet"
+SCRATCH_SUFFIX = "-scratch"  # the from-scratch baseline's run names (assets/contrastive_model.py)
+
+
+def find_embedding_model(home: Path, run_name: str | None = None) -> Path:
+    """``<home>/models/contrastive/<run_name>/model.pt``, or the newest such file of a fine-tuned
+    run (not the from-scratch baseline) when no run is named."""
+    root = home / "models" / "contrastive"
+    if run_name is not None:
+        candidates = [root / run_name / "model.pt"]
+    else:
+        candidates = sorted((p for p in root.glob("*/model.pt") if not p.parent.name.endswith(SCRATCH_SUFFIX)),
+                            key=lambda p: p.stat().st_mtime)
+    if not candidates or not candidates[-1].exists():
+        raise FileNotFoundError(
+            f"no contrastive model at {root / (run_name or '*') / 'model.pt'}. Train one with "
+            "`aria run finetune --with-missing-upstream` (or `aria demo`), or pass --model PATH")
+    return candidates[-1]
+
+
+def embed_midi(args: argparse.Namespace) -> int:
+    """Embed one MIDI file or every MIDI file under a folder; one Parquet row per embedded file."""
+    import torch
+    from tqdm import tqdm
+
+    from aria_model.embedding import EMBEDDING_SEQ_LEN, embed_files, load_embedding_model, write_embeddings_parquet
+    from aria_model.home import default_home
+    from aria_model.sources import SourceError, iter_midi_files
+
+    home = Path(args.home).expanduser().resolve() if args.home else default_home()
+    target = Path(args.input)
+    try:
+        weights = Path(args.model) if args.model else find_embedding_model(home, args.run)
+        if not weights.is_file():
+            raise FileNotFoundError(f"no model at {weights}")
+        # A folder is listed as the ingest lists a plain source: recursive, .mid/.midi, no dot files.
+        files = [target] if target.is_file() else [Path(r.path) for r in iter_midi_files(target, layout="plain")]
+        model = load_embedding_model(weights, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (FileNotFoundError, SourceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Aria embeds 2048-token chunks; a smaller model (the tiny demo preset) takes what fits.
+    seq_len = min(EMBEDDING_SEQ_LEN, model.config.max_seq_len)
+    with tqdm(total=len(files), desc="embedding", unit="file") as bar:
+        result = embed_files(model, files, batch_size=args.batch_size, seq_len=seq_len,
+                             progress=lambda done, total: bar.update(done - bar.n))
+    out = Path(args.out)
+    write_embeddings_parquet(result, out)
+    print(f"{len(result.keys)} of {len(files)} files -> {out} ({result.matrix.shape[1]}-dim, model {weights})")
+    for failure in result.failures:
+        print(f"  skipped {failure['key']}: {failure['error']}", file=sys.stderr)
+    return 0 if result.keys else 1
+
+
+def compare_runs(args: argparse.Namespace) -> int:
+    """Print the runs' differing params and final metrics; write their curves overlaid with --plot."""
+    from aria_model.home import default_home
+    from aria_model.tracking import Tracker, sqlite_uri
+
+    metrics = [key.strip() for key in args.metrics.split(",") if key.strip()]
+    query = args.filter or args.name
+    # A named home means its store, whatever $MLFLOW_TRACKING_URI says.
+    tracker = Tracker(sqlite_uri(Path(args.home)) if args.home else None, home=default_home())
+    try:
+        table = tracker.compare_runs(args.experiment, query, metrics, plot_path=Path(args.plot) if args.plot else None)
+    except ValueError as exc:  # no such experiment
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if table.empty:
+        print(f"no runs match {query!r} in experiment {args.experiment!r} ({tracker.tracking_uri})", file=sys.stderr)
+        return 1
+    print(f"{len(table)} runs of {args.experiment!r} matching {query!r} ({tracker.tracking_uri}), oldest first:\n")
+    print(comparison_text(table))
+    if args.plot:
+        print(f"\nloss curves: {args.plot}")
+    return 0
+
+
+def comparison_text(table) -> str:
+    """The runs one per row: name, id, start, status, the params that differ between them, final metrics."""
+    params = [c for c in table.columns if c.startswith("params.")]
+    differing = [c for c in params if table[c].astype(str).nunique() > 1]
+    metrics = [c for c in table.columns if c.startswith("metrics.")]
+    shown = table[["run_name", "run_id", "start_time", "status", *differing, *metrics]].copy()
+    shown["run_id"] = shown["run_id"].str[:8]
+    shown["start_time"] = shown["start_time"].dt.strftime("%Y-%m-%d %H:%M")
+    shown.columns = [c.removeprefix("params.").removeprefix("metrics.") for c in shown.columns]
+    text = shown.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.4f}")
+    same = len(params) - len(differing)
+    if same:
+        text += f"\n({same} params identical in every run not shown)"
+    return text
+
+
+# `aria <command> --help` ends with these.
+EXAMPLES = {
+    "demo": "examples:\n  aria demo\n  aria demo --home /data/aria-demo --probe-corpus",
+    "run": "examples:\n  aria run ingest --source ~/midi\n  aria run pretrain --with-missing-upstream\n"
+           "  aria run full -c run.yaml          # presets and overrides under ops: <asset>: config:",
+    "tokenize": "examples:\n  aria tokenize song.mid\n  aria tokenize song.mid --ids --seed 0",
+    "generate": "examples:\n  aria generate prompt.mid\n  aria generate prompt.mid --run pretrain-small --variations 2 --end",
+    "compare": "examples:\n  aria compare                               # every pretrained_model run\n"
+               "  aria compare --plot compare.png\n"
+               "  aria compare --filter \"params.optim.lr = '0.001'\"\n"
+               "  aria compare --name contrastive_model --metrics train/loss",
+    "embed": "examples:\n  aria embed ~/midi                          # newest contrastive model\n"
+             "  aria embed song.mid --run contrastive-small --out song.parquet\n"
+             "  aria embed ~/midi --model model.pt --device cuda --batch-size 64",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.jobs import MAIN_JOB
 
@@ -227,6 +340,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", help="output folder (default: generated/<prompt name>)")
     gen.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     gen.add_argument("--compile", action="store_true", help="CUDA graphs for the decode step (GPU; compiles first)")
+    compare = commands.add_parser("compare", help="compare MLflow training runs: differing params, final metrics, curves")
+    which = compare.add_mutually_exclusive_group()
+    which.add_argument("--name", default="pretrained_model",
+                       help="run name to compare (default: pretrained_model, every pretraining step's run)")
+    which.add_argument("--filter", help="an MLflow filter string instead, e.g. \"params.optim.lr = '0.001'\"")
+    compare.add_argument("--experiment", default="aria", help="MLflow experiment (default: aria)")
+    compare.add_argument("--metrics", default="train/loss,val/loss",
+                         help="comma-separated metrics: final values and curves (default: train/loss,val/loss)")
+    compare.add_argument("--plot", help="write the runs' metric curves overlaid to this PNG")
+    compare.add_argument("--home", help="read HOME/mlflow.db (default: $MLFLOW_TRACKING_URI, else the "
+                                        "mlflow.db of $ARIA_HOME or ./.aria)")
+    embed = commands.add_parser("embed", help="embed MIDI files with a contrastive model into a Parquet file")
+    embed.add_argument("input", metavar="FILE_OR_DIR", help="a MIDI file, or a folder searched for .mid/.midi")
+    which = embed.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model.pt (default: the newest <home>/models/contrastive/*/model.pt "
+                                       "that is not a -scratch baseline)")
+    which.add_argument("--run", help="use <home>/models/contrastive/RUN/model.pt")
+    embed.add_argument("--out", default=EMBEDDINGS_FILE,
+                       help=f"Parquet with path, embedding, n_chunks per file (default: {EMBEDDINGS_FILE})")
+    embed.add_argument("--batch-size", type=int, default=32, help="chunks per forward pass (default 32)")
+    embed.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    embed.add_argument("--home", help="data home to find the model in (default: $ARIA_HOME or ./.aria)")
+    for name, sub in commands.choices.items():
+        sub.epilog = EXAMPLES.get(name)
+        sub.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -249,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_job(args.job, args.home, args.source, args.config, args.with_missing_upstream)
     if args.command == "generate":
         return generate_file(args)
+    if args.command == "compare":
+        return compare_runs(args)
+    if args.command == "embed":
+        return embed_midi(args)
     return tokenize_file(args.file, args.ids, args.seed)
 
 

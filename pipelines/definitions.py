@@ -1,4 +1,4 @@
-"""The Dagster code location: ``defs`` (assets, checks, jobs, resources)."""
+"""The Dagster code location: ``defs`` (assets, checks, jobs, schedules, sensors, resources)."""
 
 import dagster as dg
 
@@ -17,6 +17,8 @@ from assets import (
 )
 from pipelines.jobs import JOBS
 from pipelines.resources import AriaHome, MidiSource, MlflowTracking
+from pipelines.schedules import SCHEDULES, with_model_freshness
+from pipelines.sensors import SENSORS, SOURCE_CHECKS
 
 ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards,
                  pretrained_model, contrastive_model, probe_dataset, probe_eval, generation_samples]
@@ -24,9 +26,11 @@ ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 ASSET_CHECKS = dg.load_asset_checks_from_modules(ASSET_MODULES)
 
 defs = dg.Definitions(
-    assets=ASSETS,
-    asset_checks=ASSET_CHECKS,
+    assets=with_model_freshness(ASSETS),
+    asset_checks=[*ASSET_CHECKS, *SOURCE_CHECKS],
     jobs=JOBS,
+    schedules=SCHEDULES,
+    sensors=SENSORS,
     resources={
         "home": AriaHome(),
         "source": MidiSource(),
