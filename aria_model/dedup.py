@@ -13,8 +13,10 @@ Three signals link files into piece clusters (a union-find joins them all):
 - ``opus``: the same ``opus_key`` (composer + catalogue number + piece number), when a file's
   metadata has both a composer and a catalogue number. Titles alone never link files.
 - ``minhash``: near-duplicate note content, for the files metadata cannot name (most of them):
-  MinHash signatures over ``note_shingles``, MinHashLSH for candidate pairs, and each candidate
-  kept only if its estimated Jaccard similarity reaches the threshold.
+  MinHash signatures over ``note_shingles``, LSH bands for candidate pairs, and each candidate
+  kept only if its estimated Jaccard similarity reaches the threshold. The signatures and the
+  candidates are datasketch 2.0's ``MinHash.bulk`` values and ``MinHashLSH(threshold,
+  num_perm)`` query results, computed for the whole corpus at once (``aria_model.minhash_lsh``).
 
 In each cluster the files are ranked by transcription score (high first, unknown last), then
 note count, then length, then file_id, and the first ``max_per_cluster`` distinct contents are
@@ -55,23 +57,24 @@ clusters against the true pieces: 1.0 and 0.977 on 34 pieces x 12 performances (
 tests/test_dedup.py), 1.0 and 0.997 on 419 pieces x 48 performances (20k files).
 
 Scale. Worker processes read the ``midi_notes`` parts themselves (``NoteParts``), a few row
-groups per task, and send back per file only its id, content hash, sizes and, once per distinct
-content, a uint32 signature; the main process queries each new signature against the MinHashLSH
-and then inserts it, while the workers compute the next batches, and does the union-find. Content
-hashes, shingles and signatures are numpy over a whole batch (the signatures bit-identical to
-``MinHash.bulk``), so the result is the same for any ``workers`` and batching. Measured on 2 cores
-(Xeon VM), 20k-80k re-performed files from 48 takes of each piece, CPU seconds per 1,000 files:
+groups per task, and send back per file only its id, a 16-byte content digest, sizes and, once
+per distinct content, a uint32 signature. Content hashes, shingles and signatures are compiled
+(numba) loops over a whole batch, so the result is the same for any ``workers`` and batching.
+Once every batch is in, the main process bands the signature matrix (28 sorts of it at the
+default threshold), checks each candidate pair's similarity, and finds the clusters with a
+union-find over the distinct contents and numpy/Arrow columns: no Python object per file.
 
-    notes per file    workers (read, hash, shingles, sign)    main process (of it MinHashLSH)
-    ~375              0.09-0.10                               0.23-0.26 (0.13)
-    ~2,400            0.50-0.57                               0.25-0.28 (0.13-0.15)
-
-That is 3,900-4,300 and 2,100-2,400 files/s wall with workers=2, where the single process it
-replaced did 1,400-2,000 and 1,040 (same machine and files): 1.2M files in ~5 min, and in
-8.5-9.5 min at Aria-MIDI's ~2,400 notes a file. The main process bounds the short files:
-MinHashLSH costs ~130-170 us of CPU and ~5.6 KiB of memory per signature (7 GB at 1.2M, besides
-the file ids and hashes). Banding the signatures in numpy finds the same candidate pairs for
-~20 us and 0.5 KiB a signature: the next step if the corpus grows.
+Measured on 2 cores (Xeon VM), 20k files of ~1,700 notes (Aria-MIDI's ~2B notes over 1.19M files),
+50 performances of each of 400 pieces (bench/curation.py), per 1,000 files: the workers spend ~0.17 CPU-s (Parquet
+read 0.08, content digest 0.05 of which blake2b 0.04, shingles 0.02, signatures 0.013: 70k
+signatures/s a core), the main process ~0.012 s (LSH 0.006 with ~20 candidate pairs a file,
+clusters and table 0.003, writing 0.001). The per-file numpy version it replaced took 0.36 and
+0.21 (MinHashLSH insert + query: 0.14), and 11.2 s wall against 3.4 s for these 20k files.
+With all files of the corpus replicated 60 times (1.2M files, 1.08M signatures, 24M candidates),
+the main process took 9.6 s for the LSH and 4.5 s for the clusters and table, peaking at
+~1 GB over its input (the signature matrix is 4 bytes x num_perm a distinct content: 555 MB).
+So Aria-MIDI's 1.19M files take ~3.5 CPU-min in the workers and ~15 s in the main process:
+~2 min on 2 idle cores. The first call on a machine compiles the kernels (~15 s, cached after).
 
 Use::
 
@@ -91,10 +94,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import os
 import re
 import time
-from collections import Counter, defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -104,8 +108,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datasketch import LeanMinHash, MinHash, MinHashLSH
+from numba import njit
 
+from aria_model import minhash_lsh
+from aria_model.minhash_lsh import EMPTY
 from aria_model.sources import ascii_fold, composer_key
 
 REASONS = ("kept", "exact_duplicate", "over_cap")
@@ -198,8 +204,8 @@ class DedupStats:
     # CPU seconds of each stage, the workers' added up: what a core spends, however busy the machine
     read_seconds: float = 0.0  # reading the notes, content hashes and shingles (workers)
     signature_seconds: float = 0.0  # MinHash values of the shingles (workers)
-    lsh_insert_seconds: float = 0.0  # main process
-    lsh_query_seconds: float = 0.0  # main process, without verifying the candidates
+    lsh_seconds: float = 0.0  # LSH bands and the similarity check of the candidates (main process)
+    cluster_seconds: float = 0.0  # metadata, union-find, ranks, the table and these counts (main process)
     seconds: float = 0.0  # wall time of the whole call
 
     @property
@@ -212,8 +218,9 @@ class DedupStats:
         return self.signatures / self.signature_seconds if self.signature_seconds else 0.0
 
     @property
-    def lsh_queries_per_s(self) -> float:
-        return self.signatures / self.lsh_query_seconds if self.lsh_query_seconds else 0.0
+    def lsh_signatures_per_s(self) -> float:
+        """Signatures banded and their candidates checked, per second of the main process."""
+        return self.signatures / self.lsh_seconds if self.lsh_seconds else 0.0
 
 
 @dataclass(frozen=True)
@@ -304,35 +311,35 @@ def content_hash(onset_ms: np.ndarray, duration: np.ndarray, pitch: np.ndarray, 
     track order hash the same. The intent of Aria's calculate_hash (reference/aria.md §2.3), on
     the notes after pedal folding and tempo, where it hashes the MIDI messages.
     """
-    return _content_hashes(_FlatNotes.of_one(onset_ms, duration, pitch, velocity))[0]
+    digests, _ = _content_digests(_FlatNotes.of_one(onset_ms, duration, pitch, velocity))
+    return digests[0].tobytes().hex()
 
 
 def note_shingles(onset_ms: np.ndarray, pitch: np.ndarray, config: DedupConfig = DedupConfig()) -> np.ndarray:
     """Sorted distinct uint32 shingles of a performance (the design is in the module docstring)."""
     unused = np.zeros(len(onset_ms), np.int64)  # durations and velocities play no part in shingles
     shingles, _ = _shingles(_FlatNotes.of_one(onset_ms, unused, pitch, unused), config)
-    return shingles
+    return np.sort(shingles)
 
 
 @dataclass(frozen=True)
 class _FlatNotes:
-    """The notes of a batch of files, end to end (int64): file i's are ``[offsets[i], offsets[i + 1])``.
+    """The notes of a batch of files end to end, as stored: file i's are ``[offsets[i], offsets[i + 1])``.
 
-    Content hashes and shingles are computed for the whole batch at once, a few numpy calls per
-    batch instead of a dozen per file: most files hold a few hundred notes, where numpy's per-call
-    cost would outweigh its work.
+    Content hashes and shingles are computed for the whole batch in one compiled call each: most
+    files hold a few hundred notes, where numpy's per-call cost would outweigh its work.
     """
 
-    onset: np.ndarray  # from each file's first note
+    onset: np.ndarray  # ms from the start of the file (int64); any integer type for the others
     duration: np.ndarray
     pitch: np.ndarray
     velocity: np.ndarray
-    offsets: np.ndarray
+    offsets: np.ndarray  # int64
 
     @classmethod
     def of_one(cls, onset_ms, duration, pitch, velocity) -> _FlatNotes:
         columns = [np.asarray(column, np.int64) for column in (onset_ms, duration, pitch, velocity)]
-        return cls.of_files(*columns, offsets=np.array([0, len(columns[0])]))
+        return cls(*columns, offsets=np.array([0, len(columns[0])]))
 
     @classmethod
     def of_batch(cls, batch: pa.RecordBatch | pa.Table) -> _FlatNotes:
@@ -343,141 +350,149 @@ class _FlatNotes:
             if isinstance(column, pa.ChunkedArray):
                 column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
             bounds = column.offsets.to_numpy()  # absolute positions in .values, whatever the slicing
-            columns.append(column.values.to_numpy()[bounds[0]: bounds[-1]].astype(np.int64))
+            columns.append(column.values.to_numpy()[bounds[0]: bounds[-1]])  # zero-copy
             bounds = bounds - bounds[0]
             if offsets is not None and not np.array_equal(bounds, offsets):
                 raise ValueError(f"notes columns {list(NOTE_COLUMNS[1:])} must have equal lengths in each row")
             offsets = bounds
-        return cls.of_files(*columns, offsets=offsets.astype(np.int64))
-
-    @classmethod
-    def of_files(cls, onset, duration, pitch, velocity, offsets: np.ndarray) -> _FlatNotes:
-        first_onset = _per_file(np.minimum, onset, offsets)
-        return cls(onset - np.repeat(first_onset, np.diff(offsets)), duration, pitch, velocity, offsets)
+        return cls(*columns, offsets=offsets.astype(np.int64))
 
     @property
     def files(self) -> int:
         return len(self.offsets) - 1
 
-    def file_of_note(self) -> np.ndarray:
-        return np.repeat(np.arange(self.files), np.diff(self.offsets))
 
-    def in_file_order(self, key: np.ndarray, kind: str | None = None) -> np.ndarray:
-        """Permutation sorting the notes by file, then by ``key`` (>= 0; stable if kind="stable")."""
-        file_bits = max(self.files - 1, 0).bit_length()
-        key_bits = int(key.max()).bit_length() if len(key) else 0
-        if file_bits + key_bits <= 62:  # one int64 sort; else (a file lasting decades) two keys
-            return np.argsort((self.file_of_note() << key_bits) | key, kind=kind)
-        return np.lexsort((key, self.file_of_note()))
-
-
-def _per_file(ufunc: np.ufunc, values: np.ndarray, offsets: np.ndarray, empty: int = 0) -> np.ndarray:
-    """``ufunc`` reduced over each file's slice of ``values``; ``empty`` for files without notes."""
-    sizes = np.diff(offsets)
-    reduced = np.full(len(sizes), empty, values.dtype)
-    if len(values):
-        reduced[sizes > 0] = ufunc.reduceat(values, offsets[:-1][sizes > 0])
-    return reduced
-
-
-def _content_hashes(notes: _FlatNotes) -> list[str]:
-    """content_hash of each file: one sort for the whole batch, then one digest per file."""
-    # One int64 sort key (exact for onsets below 2^49 ms): np.lexsort over four keys costs 8x more.
-    key = (notes.onset << 14) | (notes.pitch << 7) | notes.velocity
-    order = notes.in_file_order(key, kind="stable")
-    key, duration, file_of = key[order], notes.duration[order], notes.file_of_note()
+def _content_digests(notes: _FlatNotes) -> tuple[np.ndarray, np.ndarray]:
+    """(16-byte content_hash digest of each file as uint8 rows, each file's length in ms)."""
+    key = np.empty(len(notes.pitch), np.int64)
+    duration = np.empty(len(notes.pitch), np.int64)
+    length_ms = np.empty(notes.files, np.int64)
+    _canonical_notes(notes.onset, notes.duration, notes.pitch, notes.velocity, notes.offsets, key, duration, length_ms)
     offsets = notes.offsets.tolist()
-    twins = np.flatnonzero((key[1:] == key[:-1]) & (file_of[1:] == file_of[:-1]))
-    for file in np.unique(file_of[twins]).tolist():  # the same note twice: order the copies by duration
-        span = slice(offsets[file], offsets[file + 1])
-        by_duration = np.lexsort((duration[span], key[span]))
-        key[span], duration[span] = key[span][by_duration], duration[span][by_duration]
-    digests = []
-    for start, end in zip(offsets[:-1], offsets[1:]):
-        digest = hashlib.blake2b(key[start:end].tobytes(), digest_size=16)
-        digest.update(duration[start:end].tobytes())
-        digests.append(digest.hexdigest())
-    return digests
+    digests = bytearray()
+    for start, end in itertools.pairwise(offsets):
+        digest = hashlib.blake2b(key[start:end], digest_size=16)
+        digest.update(duration[start:end])
+        digests += digest.digest()
+    return np.frombuffer(bytes(digests), np.uint8).reshape(-1, 16), length_ms
+
+
+@njit(cache=True)
+def _canonical_notes(onset, duration, pitch, velocity, offsets, key, key_duration, length_ms):
+    """Per file: one int64 key per note (onset from the first note, pitch, velocity), sorted by key
+    then duration into ``key``/``key_duration``, and the file's length (first onset to last end)."""
+    for file in range(len(offsets) - 1):
+        start, end = offsets[file], offsets[file + 1]
+        length_ms[file] = 0
+        if start == end:
+            continue
+        first = onset[start:end].min()
+        for note in range(start, end):
+            relative = np.int64(onset[note]) - first
+            # exact for onsets below 2^49 ms; one int64 sorts 8x faster than four keys
+            key[note] = (relative << 14) | (np.int64(pitch[note]) << 7) | np.int64(velocity[note])
+            key_duration[note] = duration[note]
+            ends = relative + key_duration[note]
+            length_ms[file] = ends if note == start else max(length_ms[file], ends)
+        _sort_by_key_then_duration(key[start:end], key_duration[start:end])
+
+
+@njit(cache=True)
+def _sort_by_key_then_duration(key, duration):
+    """In place. Insertion sort: midi_notes rows come in onset order, so only the notes of a chord
+    move, a few steps each; input far from that order is merge-sorted instead."""
+    budget = 8 * len(key)
+    for i in range(1, len(key)):
+        moving_key, moving_duration = key[i], duration[i]
+        j = i - 1
+        while j >= 0 and (key[j] > moving_key or (key[j] == moving_key and duration[j] > moving_duration)):
+            key[j + 1], duration[j + 1] = key[j], duration[j]
+            j -= 1
+        key[j + 1], duration[j + 1] = moving_key, moving_duration
+        budget -= i - 1 - j
+        if budget < 0:
+            for sort_key in (duration, key):  # least significant key first, stable sorts
+                order = np.argsort(sort_key, kind="mergesort")
+                key[:], duration[:] = key[order], duration[order]
+            return
 
 
 def _shingles(notes: _FlatNotes, config: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted distinct shingles of each file (note_shingles), end to end, and their offsets per file."""
-    if not len(notes.onset):
-        return np.zeros(0, np.uint32), np.zeros(notes.files + 1, np.int64)
-    # Events: notes in onset order (the order inside a chord does not matter to its maximum), a new
-    # event at each file's first note and wherever the onset moves on by more than chord_ms.
-    onset, pitch, file_of = notes.onset, notes.pitch, notes.file_of_note()
-    first_notes = notes.offsets[:-1][np.diff(notes.offsets) > 0]
-    steps = np.diff(onset)
-    steps[first_notes[1:] - 1] = 0  # from one file's last note to the next file's first
-    if np.any(steps < 0):  # midi_notes rows come in onset order, other input may not
-        order = notes.in_file_order(onset, kind="stable")
-        onset, pitch = onset[order], pitch[order]
-        steps = np.diff(onset)
-    new_event = np.zeros(len(onset), bool)
-    new_event[1:] = steps > config.chord_ms
-    new_event[first_notes] = True
-    starts = np.flatnonzero(new_event)
-    event_pitch, event_file = np.maximum.reduceat(pitch, starts), file_of[starts]
-    intervals = (np.clip(np.diff(event_pitch), -_MAX_INTERVAL, _MAX_INTERVAL) + _MAX_INTERVAL).astype(np.uint32)
-    windows = len(intervals) - config.ngram + 1
-    if windows <= 0:
-        return np.zeros(0, np.uint32), np.zeros(notes.files + 1, np.int64)
-    code = intervals[:windows].copy()
-    for offset in range(1, config.ngram):  # exact base-_INTERVALS digits; DedupConfig keeps it within uint32
-        code = code * np.uint32(_INTERVALS) + intervals[offset: offset + windows]
-    inside_a_file = event_file[:windows] == event_file[config.ngram:]  # its first and last event
-    # Distinct (file, shingle) pairs, sorted: np.unique's sort and mask, on one uint64 per pair.
-    keyed = np.sort((event_file[:windows][inside_a_file].astype(np.uint64) << np.uint64(32)) | code[inside_a_file])
-    first = np.ones(len(keyed), bool)
-    first[1:] = keyed[1:] != keyed[:-1]
-    keyed = keyed[first]
-    counts = np.bincount((keyed >> np.uint64(32)).astype(np.int64), minlength=notes.files)
-    return keyed.astype(np.uint32), np.concatenate([[0], np.cumsum(counts)])
+    """Distinct shingles of each file (note_shingles, unsorted), end to end, and their offsets per file."""
+    shingles = np.empty(len(notes.pitch), np.uint32)  # a file has fewer shingles than notes
+    counts = np.zeros(notes.files, np.int64)
+    _batch_shingles(notes.onset, notes.pitch, notes.offsets, config.chord_ms, config.ngram, shingles, counts)
+    return shingles[: counts.sum()].copy(), np.concatenate([[0], np.cumsum(counts)])
 
 
-# The MurmurHash3 finaliser datasketch's affine32 scheme applies to each input hash (datasketch.minhash._fmix).
-_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
-_SCHEME = "affine32"  # datasketch 2.0's default: the scheme of every signature here
+@njit(cache=True)
+def _batch_shingles(onset, pitch, offsets, chord_ms, ngram, shingles, counts):
+    """Each file's distinct shingles, packed one file after another into ``shingles``."""
+    longest = 0
+    for file in range(len(offsets) - 1):
+        longest = max(longest, offsets[file + 1] - offsets[file])
+    tops = np.empty(longest, np.int64)
+    written = 0
+    for file in range(len(offsets) - 1):
+        start, end = offsets[file], offsets[file + 1]
+        if start == end:
+            continue
+        events = _event_tops(onset[start:end], pitch[start:end], chord_ms, tops)
+        counts[file] = _distinct_shingles(tops[:events], ngram, shingles[written:])
+        written += counts[file]
 
 
-@functools.lru_cache(maxsize=8)
-def _permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """datasketch's own permutations ``a * h + b mod 2^32`` of MinHash(num_perm, seed)."""
-    a, b = MinHash(num_perm=num_perm, seed=seed, scheme=_SCHEME).permutations
-    return a, b
+@njit(cache=True)
+def _event_tops(onset, pitch, chord_ms, tops):
+    """The highest pitch of each event (notes whose onsets follow within chord_ms) into ``tops``; how many."""
+    for note in range(1, len(onset)):
+        if onset[note] < onset[note - 1]:  # midi_notes rows come in onset order, other input may not
+            order = np.argsort(onset, kind="mergesort")
+            return _sorted_event_tops(onset[order], pitch[order], chord_ms, tops)
+    return _sorted_event_tops(onset, pitch, chord_ms, tops)
 
 
-def _signatures(shingles: np.ndarray, offsets: np.ndarray, config: DedupConfig, chunk: int = 1 << 13) -> np.ndarray:
-    """MinHash hash values (files x num_perm, uint32) of each file's shingles.
+@njit(cache=True)
+def _sorted_event_tops(onset, pitch, chord_ms, tops):
+    events = 0
+    for note in range(len(onset)):
+        if note == 0 or np.int64(onset[note]) - np.int64(onset[note - 1]) > chord_ms:
+            tops[events] = pitch[note]
+            events += 1
+        else:
+            tops[events - 1] = max(tops[events - 1], np.int64(pitch[note]))
+    return events
 
-    Bit-identical to ``MinHash.bulk(shingle_lists, num_perm, seed, hashfunc=int)`` (tests check it)
-    and 5x faster: bulk hashes each shingle through a Python call and builds a MinHash per file.
-    Shingles already are uniform uint32 values, so the hash is the identity before affine32's
-    finaliser (reference/orchestration.md §6). Permuted values are num_perm x chunk, 4 MiB at
-    128 x 8192: one file's set is too small a unit for numpy, a batch's too big for the cache.
+
+@njit(cache=True)
+def _distinct_shingles(tops, ngram, out):
+    """The distinct ``ngram``-interval shingles of the event tops into ``out``, first seen first; how many.
+
+    Intervals are clipped to an octave and written as base-25 digits: an exact uint32 code
+    (25^6 < 2^32). An open-addressing set of twice their number finds the repeats.
     """
-    a, b = _permutations(config.num_perm, config.seed)
-    a, b = a[:, None], b[:, None]
-    files = len(offsets) - 1
-    values = np.full((config.num_perm, files), np.iinfo(np.uint32).max, np.uint32)
-    s1, m1, s2, m2, s3 = _FMIX32
-    hashed = shingles ^ (shingles >> s1)
-    hashed *= m1
-    hashed ^= hashed >> s2
-    hashed *= m2
-    hashed ^= hashed >> s3
-    file_of = np.repeat(np.arange(files), np.diff(offsets))
-    permuted = np.empty((config.num_perm, min(chunk, len(hashed))), np.uint32)
-    for start in range(0, len(hashed), chunk):
-        part = permuted[:, : len(hashed[start: start + chunk])]
-        np.multiply(a, hashed[start: start + chunk], out=part)  # uint32 arithmetic wraps: mod 2^32
-        part += b
-        owner = file_of[start: start + chunk]
-        firsts = np.flatnonzero(np.diff(owner, prepend=-1))
-        rows = owner[firsts]  # a file cut by the chunk's end takes the smaller of its two minima
-        values[:, rows] = np.minimum(values[:, rows], np.minimum.reduceat(part, firsts, axis=1))
-    return np.ascontiguousarray(values.T)
+    windows = len(tops) - ngram
+    if windows <= 0:
+        return 0
+    for event in range(len(tops) - 1):  # tops become the intervals, in place
+        tops[event] = min(max(tops[event + 1] - tops[event], -_MAX_INTERVAL), _MAX_INTERVAL) + _MAX_INTERVAL
+    bits = 4
+    while (1 << bits) < 2 * windows:
+        bits += 1
+    table = np.full(1 << bits, EMPTY, np.uint32)
+    found = 0
+    for window in range(windows):
+        code = np.uint32(0)
+        for interval in tops[window: window + ngram]:
+            code = np.uint32(code * np.uint32(_INTERVALS) + np.uint32(interval))
+        slot = np.int64(np.uint32(code * np.uint32(0x9E3779B1)) >> np.uint32(32 - bits))  # multiplicative hashing
+        while table[slot] != EMPTY and table[slot] != code:
+            slot = (slot + 1) & ((1 << bits) - 1)
+        if table[slot] == EMPTY:
+            table[slot] = code
+            out[found] = code
+            found += 1
+    return found
 
 
 # Fingerprints of a batch of files, computed in the worker processes
@@ -559,16 +574,18 @@ def _check_columns(names: list[str]) -> None:
         raise ValueError(f"notes lack column(s) {missing}; they have {names}")
 
 
+
+
 @dataclass
 class _BatchPrints:
     """What a worker sends back for a batch of files: a few numbers each, and the new signatures."""
 
-    file_ids: list[str]
-    content_hashes: list[str]
+    file_ids: pa.Array  # string
+    digests: np.ndarray  # uint8, files x 16: content_hash
     n_notes: np.ndarray
     length_ms: np.ndarray
     shingle_counts: np.ndarray
-    signed: list[int]  # rows with a signature: the first of each content with min_shingles shingles or more
+    signed: np.ndarray  # rows with a signature: the first of each content with min_shingles shingles or more
     signatures: np.ndarray  # uint32, len(signed) x num_perm
     read_seconds: float
     signature_seconds: float
@@ -581,24 +598,26 @@ def _fingerprint_batch(batch: pa.RecordBatch | pa.Table | _RowGroups, config: De
         batch = batch.read()
     _check_columns(batch.schema.names)
     notes = _FlatNotes.of_batch(batch)
-    hashes = _content_hashes(notes)
+    digests, length_ms = _content_digests(notes)
     if config.use_content:
         shingles, offsets = _shingles(notes, config)
     else:
         shingles, offsets = np.zeros(0, np.uint32), np.zeros(notes.files + 1, np.int64)
     counts = np.diff(offsets)
-    first_of_content = {digest: row for row, digest in reversed(list(enumerate(hashes)))}
-    signed = sorted(row for row in first_of_content.values() if counts[row] >= config.min_shingles)
+    first_of_content = {digest.tobytes(): row for row, digest in reversed(list(enumerate(digests)))}
+    signed = np.array(sorted(row for row in first_of_content.values() if counts[row] >= config.min_shingles), np.int64)
     read_done = time.process_time()
     is_signed = np.zeros(notes.files, bool)
     is_signed[signed] = True
     selected = shingles[np.repeat(is_signed, counts)]
-    signatures = _signatures(selected, np.concatenate([[0], np.cumsum(counts[signed])]), config)
+    offsets = np.concatenate([[0], np.cumsum(counts[signed])])
+    signatures = minhash_lsh.signatures(selected, offsets, config.num_perm, config.seed)
+    file_ids = batch.column("file_id")
     return _BatchPrints(
-        file_ids=batch.column("file_id").to_pylist(),
-        content_hashes=hashes,
+        file_ids=(file_ids.combine_chunks() if isinstance(file_ids, pa.ChunkedArray) else file_ids).cast(pa.string()),
+        digests=digests,
         n_notes=np.diff(notes.offsets),
-        length_ms=_per_file(np.maximum, notes.onset + notes.duration, notes.offsets),
+        length_ms=length_ms,
         shingle_counts=counts,
         signed=signed,
         signatures=signatures,
@@ -622,78 +641,30 @@ def _in_order(function: Callable, tasks: Iterable, workers: int) -> Iterator:
             yield in_flight.popleft().result()
 
 
-# The main process: every file's fingerprint, and the LSH index of the signatures as they arrive
+# The main process: the batches joined into columns, one signature per distinct content
 
 
-class _Fingerprints:
-    """Per file, in arrival order; a signature per distinct content, in a MinHashLSH.
+@dataclass
+class _Prints:
+    """Every file's fingerprint, in arrival order, and one signature per distinct signed content."""
 
-    Each new signature is queried against the ones before it, then inserted: every pair that
-    shares a band is found once (from its later member), as inserting all and then querying all
-    would find it, but the index works while the workers compute the next batches.
-    """
+    file_ids: pa.Array  # string
+    digests: np.ndarray  # uint8, files x 16
+    content: np.ndarray  # content number of each file: equal digests, equal numbers
+    first_file: np.ndarray  # per content: its first file
+    n_notes: np.ndarray
+    length_ms: np.ndarray
+    shingle_counts: np.ndarray
+    signatures: np.ndarray  # uint32, signed contents x num_perm
+    signed_content: np.ndarray  # the content of each signature
 
-    def __init__(self, config: DedupConfig, stats: DedupStats):
-        self.config, self.stats = config, stats
-        self.file_ids: list[str] = []
-        self.content_hashes: list[str] = []
-        self.signature_hash: list[str] = []  # content hash of each signature
-        self._signed_contents: set[str] = set()
-        self._columns: dict[str, list[np.ndarray]] = {"n_notes": [], "length_ms": [], "shingle_counts": []}
-        self._signatures = np.zeros((0, config.num_perm), np.uint32)  # grown by doubling
-        self._pairs: list[np.ndarray] = []
-        self._lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
-
-    def add(self, batch: _BatchPrints) -> None:
-        self.file_ids += batch.file_ids
-        self.content_hashes += batch.content_hashes
-        for name, parts in self._columns.items():
-            parts.append(getattr(batch, name))
-        self.stats.read_seconds += batch.read_seconds
-        self.stats.signature_seconds += batch.signature_seconds
-        new = [k for k, row in enumerate(batch.signed) if batch.content_hashes[row] not in self._signed_contents]
-        for k in new:
-            self._signed_contents.add(batch.content_hashes[batch.signed[k]])
-        self.signature_hash += [batch.content_hashes[batch.signed[k]] for k in new]
-        self._index(batch.signatures[new])
-
-    def column(self, name: str) -> np.ndarray:
-        return np.concatenate(self._columns[name]) if self._columns[name] else np.zeros(0, np.int64)
-
-    def _index(self, signatures: np.ndarray) -> None:
-        first, last = len(self.signature_hash) - len(signatures), len(self.signature_hash)
-        if last > len(self._signatures):
-            grown = np.empty((max(last, 2 * len(self._signatures), 1024), self.config.num_perm), np.uint32)
-            grown[:first] = self._signatures[:first]
-            self._signatures = grown
-        self._signatures[first:last] = signatures
-        earlier, later = [], []
-        query_seconds = insert_seconds = 0.0
-        for key in range(first, last):
-            minhash = LeanMinHash(seed=self.config.seed, hashvalues=self._signatures[key], scheme=_SCHEME)
-            started = time.process_time()
-            found = self._lsh.query(minhash)
-            queried = time.process_time()
-            self._lsh.insert(key, minhash, check_duplication=False)
-            insert_seconds += time.process_time() - queried
-            query_seconds += queried - started
-            earlier += found
-            later += [key] * len(found)
-        self.stats.lsh_query_seconds += query_seconds
-        self.stats.lsh_insert_seconds += insert_seconds
-        pairs = np.array([earlier, later], np.int64).T.reshape(-1, 2)
-        self.stats.candidate_pairs += len(pairs)
-        self._pairs.append(pairs[_estimated_jaccard(self._signatures, pairs) >= self.config.threshold])
-
-    def near_duplicate_pairs(self) -> np.ndarray:
-        """Index pairs (i < j) of signatures whose LSH candidates pass the estimated-Jaccard check, sorted."""
-        pairs = np.concatenate(self._pairs) if self._pairs else np.zeros((0, 2), np.int64)
-        self.stats.verified_pairs = len(pairs)
-        return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+    @property
+    def files(self) -> int:
+        return len(self.file_ids)
 
 
 def _fingerprint(notes: pa.Table | Iterable[pa.RecordBatch] | NoteParts, config: DedupConfig, stats: DedupStats,
-                 workers: int | None) -> _Fingerprints:
+                 workers: int | None) -> _Prints:
     """Content hash, size and (once per distinct content) MinHash signature of every file."""
     if isinstance(notes, NoteParts):
         tasks = notes.tasks()
@@ -705,19 +676,55 @@ def _fingerprint(notes: pa.Table | Iterable[pa.RecordBatch] | NoteParts, config:
     if isinstance(tasks, list):
         workers = min(workers, len(tasks))
     stats.workers = max(workers, 1)
-    prints = _Fingerprints(config, stats)
+    batches = []
     for batch in _in_order(functools.partial(_fingerprint_batch, config=config), tasks, workers):
-        prints.add(batch)
+        stats.read_seconds += batch.read_seconds
+        stats.signature_seconds += batch.signature_seconds
+        batches.append(batch)
     _open_part.cache_clear()
-    return prints
+    return _joined(batches, config.num_perm)
 
 
-def _estimated_jaccard(signatures: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """Share of equal MinHash values per pair, a chunk of pairs at a time to bound memory."""
-    return np.concatenate([
-        (signatures[pairs[start: start + chunk, 0]] == signatures[pairs[start: start + chunk, 1]]).mean(axis=1)
-        for start in range(0, len(pairs), chunk)
-    ] or [np.zeros(0)])
+def _joined(batches: list[_BatchPrints], num_perm: int) -> _Prints:
+    """The batches as columns; a content signed in several batches keeps its first signature."""
+    def column(name: str, dtype) -> np.ndarray:
+        return np.concatenate([getattr(batch, name) for batch in batches] or [np.zeros(0, dtype)]).astype(dtype)
+
+    digests = column("digests", np.uint8).reshape(-1, 16)
+    content, first_file = _group_digests(digests)
+    starts = np.cumsum([0] + [len(batch.file_ids) for batch in batches])
+    signed_files = np.concatenate([batch.signed + start for batch, start in zip(batches, starts)] or [np.zeros(0, int)])
+    _, first_signature = np.unique(content[signed_files], return_index=True)  # the first of each content
+    keep = np.zeros(len(signed_files), bool)
+    keep[first_signature] = True
+    signatures = np.empty((len(first_signature), num_perm), np.uint32)  # filled batch by batch: no second copy
+    row = 0
+    for batch, kept in zip(batches, np.split(keep, np.cumsum([len(batch.signed) for batch in batches])[:-1])):
+        signatures[row: row + kept.sum()] = batch.signatures[kept]
+        row += kept.sum()
+        batch.signatures = None
+    return _Prints(
+        file_ids=pa.concat_arrays([batch.file_ids for batch in batches]) if batches else pa.array([], pa.string()),
+        digests=digests,
+        content=content,
+        first_file=first_file,
+        n_notes=column("n_notes", np.int64),
+        length_ms=column("length_ms", np.int64),
+        shingle_counts=column("shingle_counts", np.int64),
+        signatures=signatures,
+        signed_content=content[signed_files[keep]],
+    )
+
+
+def _group_digests(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(content number of each row, first row of each content): rows with equal digests are one content."""
+    halves = digests.view(">u8")  # two big-endian uint64 a digest: the 128 bits, exactly
+    order = np.lexsort((halves[:, 1], halves[:, 0]))  # stable: a content's rows stay in arrival order
+    new = np.ones(len(order), bool)
+    new[1:] = np.any(halves[order[1:]] != halves[order[:-1]], axis=1)
+    content = np.empty(len(order), np.int64)
+    content[order] = np.cumsum(new) - 1
+    return content, order[new]
 
 
 # Clustering and the cap
@@ -739,107 +746,148 @@ def deduplicate(
     started = time.perf_counter()
     stats = DedupStats()
     prints = _fingerprint(notes, config, stats, workers)
-    if len(set(prints.file_ids)) != len(prints.file_ids):
+    if pc.count_distinct(prints.file_ids, mode="all").as_py() != prints.files:
         raise ValueError("notes must have one row per file_id")
+    lsh_started = time.process_time()
+    near_pairs, stats.candidate_pairs = minhash_lsh.near_duplicate_pairs(prints.signatures, config.threshold)
+    stats.lsh_seconds = time.process_time() - lsh_started
+    cluster_started = time.process_time()
     meta = _metadata_columns(metadata, prints.file_ids)
-    opus_keys = [opus_key(*fields) if config.use_opus_key else None
-                 for fields in zip(meta["composer"], meta["opus"], meta["piece"], meta["title"])]
-    files_of_content = _indices_by_key(prints.content_hashes)
-    near_pairs = prints.near_duplicate_pairs()
-    # A content's first file joins the cluster for all its copies: the exact signal joins them to it.
-    first_file = np.array([files_of_content[digest][0] for digest in prints.signature_hash], np.int64)
-    groups = {
-        "exact": [files for files in files_of_content.values() if len(files) > 1],
-        "opus": [files for key, files in _indices_by_key(opus_keys).items() if key is not None and len(files) > 1],
-        "minhash": first_file[near_pairs].tolist(),
-    }
-    linked = {signal: _members(groups[signal], len(prints.file_ids)) for signal in ("exact", "opus")}
-    # but every copy of a content takes part in its content's near-duplicate links
-    linked["minhash"] = _members([files_of_content[prints.signature_hash[i]] for i in np.unique(near_pairs).tolist()],
-                                 len(prints.file_ids))
-    table = _dedup_table(prints, meta, opus_keys, groups, linked, config)
-    _summarise(table, prints, meta, stats)
+    opus_keys = pa.array(_opus_keys(meta) if config.use_opus_key else [None] * prints.files, pa.string())
+    table, clusters = _dedup_table(prints, meta, opus_keys, near_pairs, config)
+    _summarise(table, clusters, prints, near_pairs, meta, stats)
+    stats.cluster_seconds = time.process_time() - cluster_started
     stats.seconds = time.perf_counter() - started
     return DedupResult(table=table, stats=stats)
 
 
-def _indices_by_key(keys: list) -> dict:
-    indices = defaultdict(list)
-    for index, key in enumerate(keys):
-        indices[key].append(index)
-    return indices
-
-
-def _metadata_columns(metadata: pa.Table | None, file_ids: list[str]) -> dict[str, list]:
-    """METADATA_COLUMNS but file_id, aligned to ``file_ids`` (None where a file or column has none)."""
-    columns = {name: [None] * len(file_ids) for name in METADATA_COLUMNS[1:]}
-    if metadata is None or metadata.num_rows == 0:
-        return columns
-    ids = metadata.column("file_id").to_pylist()
-    if len(set(ids)) != len(ids):
-        raise ValueError("metadata must have one row per file_id")
-    row_of = {file_id: row for row, file_id in enumerate(ids)}
-    rows = [row_of.get(file_id) for file_id in file_ids]
-    for name in columns:
-        if name in metadata.column_names:
-            values = metadata.column(name).to_pylist()
-            columns[name] = [None if row is None else values[row] for row in rows]
+def _metadata_columns(metadata: pa.Table | None, file_ids: pa.Array) -> dict[str, pa.Array]:
+    """METADATA_COLUMNS but file_id, aligned to ``file_ids`` (null where a file or column has none)."""
+    rows = pa.nulls(len(file_ids), pa.int64())
+    if metadata is not None and metadata.num_rows:
+        ids = metadata.column("file_id").combine_chunks()
+        if pc.count_distinct(ids, mode="all").as_py() != len(ids):
+            raise ValueError("metadata must have one row per file_id")
+        rows = pc.index_in(file_ids, value_set=ids.cast(file_ids.type))
+    columns = {}
+    for name in METADATA_COLUMNS[1:]:
+        if metadata is None or name not in metadata.column_names:
+            columns[name] = pa.nulls(len(file_ids))
+        else:
+            columns[name] = metadata.column(name).combine_chunks().take(rows)
+    columns["transcription_score"] = columns["transcription_score"].cast(pa.float64())
     return columns
 
 
-def _dedup_table(prints: _Fingerprints, meta: dict[str, list], opus_keys: list[str | None],
-                 groups: dict[str, list[list[int]]], linked: dict[str, np.ndarray], config: DedupConfig) -> pa.Table:
-    size = len(prints.file_ids)
-    file_ids = np.array(prints.file_ids, dtype=str)
-    content = np.array(prints.content_hashes, dtype=str)
-    cluster = _cluster_codes(size, [group for signal in SIGNALS for group in groups[signal]])
-    score = np.array([np.nan if s is None else s for s in meta["transcription_score"]], np.float64)
-    n_notes = prints.column("n_notes")
-    length_ms = prints.column("length_ms")
-    duplicate = _duplicates(content, score, file_ids)
-    rank = _ranks(cluster, duplicate, score, n_notes, length_ms, file_ids)
+def _opus_keys(meta: dict[str, pa.Array]) -> list[str | None]:
+    fields = zip(*(meta[name].to_pylist() for name in ("composer", "opus", "piece", "title")))
+    return [opus_key(*row) for row in fields]
+
+
+@dataclass(frozen=True)
+class _Clusters:
+    """Per file: its cluster, the signals linking it to another file, and its file_id's sort position."""
+
+    codes: np.ndarray  # cluster number 0..k-1
+    linked: dict[str, np.ndarray]  # SIGNALS -> bool per file
+    id_order: np.ndarray  # files sorted by file_id
+    id_rank: np.ndarray  # position of each file in id_order
+
+
+def _clusters(prints: _Prints, opus_keys: pa.Array, near_pairs: np.ndarray) -> _Clusters:
+    """Union of the three signals over the distinct contents (the copies of one are one node):
+    a file's content joins the content of its opus key's first file, and near-duplicate pairs of
+    signatures join their contents."""
+    files = np.arange(prints.files)
+    key = pc.fill_null(opus_keys.dictionary_encode().indices, -1).to_numpy().astype(np.int64)  # -1: no key
+    has_key = key >= 0
+    first_of_key = np.full(int(key.max(initial=-1)) + 1, prints.files, np.int64)
+    np.minimum.at(first_of_key, key[has_key], files[has_key])
+    parent = np.arange(len(prints.first_file))
+    _join(parent, np.column_stack([files[has_key], first_of_key[key[has_key]]]), prints.content)
+    _join(parent, near_pairs, prints.signed_content)
+    roots = _roots(parent)[prints.content]
+    files_with_key = np.zeros(prints.files, np.int64)
+    files_with_key[has_key] = np.bincount(key[has_key])[key[has_key]]
+    signed_in_pair = np.zeros(len(prints.signed_content), bool)
+    signed_in_pair[near_pairs[:, 0]] = signed_in_pair[near_pairs[:, 1]] = True
+    content_in_pair = np.zeros(len(prints.first_file), bool)
+    content_in_pair[prints.signed_content[signed_in_pair]] = True
+    linked = {
+        "exact": np.bincount(prints.content)[prints.content] > 1,
+        "opus": files_with_key > 1,
+        "minhash": content_in_pair[prints.content],  # every copy of a content takes part in its links
+    }
+    id_order = pc.sort_indices(prints.file_ids).to_numpy()
+    id_rank = np.empty(prints.files, np.int64)
+    id_rank[id_order] = files
+    return _Clusters(np.unique(roots, return_inverse=True)[1].reshape(-1), linked, id_order, id_rank)
+
+
+@njit(cache=True)
+def _join(parent, pairs, node_of):
+    """Union-find: join the nodes ``node_of[pairs[k, 0]]`` and ``node_of[pairs[k, 1]]`` for every k."""
+    for k in range(len(pairs)):
+        a, b = _root(parent, node_of[pairs[k, 0]]), _root(parent, node_of[pairs[k, 1]])
+        parent[max(a, b)] = min(a, b)
+
+
+@njit(cache=True)
+def _roots(parent):
+    for node in range(len(parent)):
+        parent[node] = _root(parent, node)
+    return parent
+
+
+@njit(cache=True)
+def _root(parent, item):
+    while parent[item] != item:
+        parent[item] = parent[parent[item]]  # path halving keeps the trees flat
+        item = parent[item]
+    return item
+
+
+def _dedup_table(prints: _Prints, meta: dict[str, pa.Array], opus_keys: pa.Array, near_pairs: np.ndarray,
+                 config: DedupConfig) -> tuple[pa.Table, _Clusters]:
+    clusters = _clusters(prints, opus_keys, near_pairs)
+    cluster = clusters.codes
+    score = meta["transcription_score"].to_numpy(zero_copy_only=False)  # NaN where unknown
+    duplicate = _duplicates(prints.content, score, clusters.id_rank)
+    rank = _ranks(cluster, duplicate, score, prints.n_notes, prints.length_ms, clusters.id_rank)
     kept = ~duplicate & (rank <= config.max_per_cluster)
+    smallest_id = np.full(cluster.max(initial=-1) + 1, prints.files, np.int64)
+    np.minimum.at(smallest_id, cluster, clusters.id_rank)
+    signals = sum(clusters.linked[signal].astype(np.int64) << bit for bit, signal in enumerate(SIGNALS))
     table = pa.table({
-        "file_id": file_ids,
-        "cluster_id": _smallest_per_cluster(file_ids, cluster),
+        "file_id": prints.file_ids,
+        "cluster_id": prints.file_ids.take(clusters.id_order[smallest_id[cluster]]),
         "cluster_size": np.bincount(cluster)[cluster].astype(np.int32),
         "rank": rank.astype(np.int32),
         "kept": kept,
-        "reason": np.where(duplicate, "exact_duplicate", np.where(kept, "kept", "over_cap")),
-        "linked_by": [[signal for signal in SIGNALS if linked[signal][i]] for i in range(size)],
+        "reason": pa.array(REASONS).take(np.where(duplicate, 1, np.where(kept, 0, 2))),
+        "linked_by": _SIGNAL_LISTS.take(np.asarray(signals, np.int64)),
         "opus_key": opus_keys,
-        "content_hash": content,
-        "n_notes": n_notes.astype(np.int32),
-        "length_ms": length_ms,
-        "shingles": prints.column("shingle_counts").astype(np.int32),
+        "content_hash": _hex(prints.digests),
+        "n_notes": prints.n_notes.astype(np.int32),
+        "length_ms": prints.length_ms,
+        "shingles": prints.shingle_counts.astype(np.int32),
         "transcription_score": meta["transcription_score"],
     }, schema=DEDUP_SCHEMA)
-    return table.sort_by("file_id")
+    return table.take(clusters.id_order), clusters  # sorted by file_id
 
 
-def _cluster_codes(size: int, groups: list[list[int]]) -> np.ndarray:
-    """Cluster number 0..k-1 of each item, joining every group's items (union-find)."""
-    parent = list(range(size))
-
-    def root(item: int) -> int:
-        while parent[item] != item:
-            parent[item] = parent[parent[item]]  # path halving keeps the trees flat
-            item = parent[item]
-        return item
-
-    for group in groups:
-        first = root(group[0])
-        for other in group[1:]:
-            parent[root(other)] = first
-    _, codes = np.unique([root(item) for item in range(size)], return_inverse=True)
-    return codes.reshape(-1)
+# linked_by of each combination of signals, bit k standing for SIGNALS[k]
+_SIGNAL_LISTS = pa.array([[signal for bit, signal in enumerate(SIGNALS) if code >> bit & 1]
+                          for code in range(1 << len(SIGNALS))], pa.list_(pa.string()))
+_HEX_DIGITS = np.array([f"{byte:02x}".encode() for byte in range(256)], "S2")
 
 
-def _members(groups: list[list[int]], size: int) -> np.ndarray:
-    mask = np.zeros(size, bool)
-    for group in groups:
-        mask[group] = True
-    return mask
+def _hex(digests: np.ndarray) -> pa.Array:
+    """Each uint8 row as a lowercase hex string, without a Python object per row."""
+    width = 2 * digests.shape[1]
+    offsets = np.arange(0, width * len(digests) + 1, width, dtype=np.int32)
+    data = _HEX_DIGITS[digests].tobytes()
+    return pa.StringArray.from_buffers(len(digests), pa.py_buffer(offsets), pa.py_buffer(data))
 
 
 def _best_first(score: np.ndarray) -> np.ndarray:
@@ -847,19 +895,18 @@ def _best_first(score: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(score), np.inf, -score)
 
 
-def _duplicates(content_hashes: np.ndarray, score: np.ndarray, file_ids: np.ndarray) -> np.ndarray:
+def _duplicates(content: np.ndarray, score: np.ndarray, id_rank: np.ndarray) -> np.ndarray:
     """True for every copy of a content but its best one (highest score, then smallest file_id)."""
-    order = np.lexsort((file_ids, _best_first(score), content_hashes))
-    sorted_hashes = content_hashes[order]
+    order = np.lexsort((id_rank, _best_first(score), content))
     duplicate = np.zeros(len(order), bool)
-    duplicate[order[1:]] = sorted_hashes[1:] == sorted_hashes[:-1]
+    duplicate[order[1:]] = content[order[1:]] == content[order[:-1]]
     return duplicate
 
 
 def _ranks(cluster: np.ndarray, duplicate: np.ndarray, score: np.ndarray, n_notes: np.ndarray,
-           length_ms: np.ndarray, file_ids: np.ndarray) -> np.ndarray:
+           length_ms: np.ndarray, id_rank: np.ndarray) -> np.ndarray:
     """1-based rank in the cluster: distinct contents before copies, then score, notes, length, id."""
-    order = np.lexsort((file_ids, -length_ms, -n_notes, _best_first(score), duplicate, cluster))
+    order = np.lexsort((id_rank, -length_ms, -n_notes, _best_first(score), duplicate, cluster))
     starts = np.flatnonzero(np.diff(cluster[order], prepend=-1) != 0)
     position = np.arange(len(order)) - np.repeat(starts, np.diff(starts, append=len(order)))
     rank = np.empty(len(order), np.int64)
@@ -867,46 +914,55 @@ def _ranks(cluster: np.ndarray, duplicate: np.ndarray, score: np.ndarray, n_note
     return rank
 
 
-def _smallest_per_cluster(file_ids: np.ndarray, cluster: np.ndarray) -> np.ndarray:
-    """Each item's cluster id: the smallest file_id of its cluster."""
-    order = np.lexsort((file_ids, cluster))
-    first = np.flatnonzero(np.diff(cluster[order], prepend=-1) != 0)
-    return file_ids[order[first]][cluster]
-
-
-def _summarise(table: pa.Table, prints: _Fingerprints, meta: dict[str, list], stats: DedupStats) -> None:
-    rows = table.select(["file_id", "cluster_id", "rank", "kept", "reason", "linked_by", "opus_key"]).to_pylist()
-    stats.files = len(rows)
-    stats.unique_contents = len(set(prints.content_hashes))
-    stats.signatures = len(prints.signature_hash)
+def _summarise(table: pa.Table, clusters: _Clusters, prints: _Prints, near_pairs: np.ndarray,
+               meta: dict[str, pa.Array], stats: DedupStats) -> None:
+    """Counts of ``table`` (sorted by file_id) into ``stats``; ``clusters`` is in arrival order."""
+    order = clusters.id_order  # arrival order -> table order
+    kept = table.column("kept").to_numpy()
+    reason = pc.index_in(table.column("reason"), value_set=pa.array(REASONS)).to_numpy()
+    linked = {signal: clusters.linked[signal][order] for signal in SIGNALS}
+    stats.files = prints.files
+    stats.unique_contents = len(prints.first_file)
+    stats.signatures = len(prints.signatures)
     stats.without_signature = stats.unique_contents - stats.signatures
-    stats.opus_keys = sum(row["opus_key"] is not None for row in rows)
-    stats.kept = sum(row["kept"] for row in rows)
+    stats.verified_pairs = len(near_pairs)
+    stats.opus_keys = prints.files - table.column("opus_key").null_count
+    stats.kept = int(kept.sum())
     stats.dropped = stats.files - stats.kept
-    stats.drops_by_reason = dict(Counter(row["reason"] for row in rows if not row["kept"]))
-    stats.drops_by_signal = dict(Counter(s for row in rows if not row["kept"] for s in row["linked_by"]))
-    stats.links_by_signal = dict(Counter(s for row in rows for s in row["linked_by"]))
-    sizes = Counter(row["cluster_id"] for row in rows)
-    stats.clusters = sum(1 for size in sizes.values() if size > 1)
-    stats.largest_cluster = max(sizes.values(), default=0)
-    stats.largest_clusters = _largest_clusters(rows, sizes, meta, prints.file_ids)
+    stats.drops_by_reason = _nonzero({name: np.sum(reason == k) for k, name in enumerate(REASONS) if k})
+    stats.drops_by_signal = _nonzero({signal: np.sum(~kept & linked[signal]) for signal in SIGNALS})
+    stats.links_by_signal = _nonzero({signal: np.sum(linked[signal]) for signal in SIGNALS})
+    sizes = np.bincount(clusters.codes)
+    stats.clusters = int(np.sum(sizes > 1))
+    stats.largest_cluster = int(sizes.max(initial=0))
+    stats.largest_clusters = _largest_clusters(table, clusters.codes[order], linked, meta, order)
 
 
-def _largest_clusters(rows: list[dict], sizes: Counter, meta: dict[str, list], file_ids: list[str],
-                      top: int = 10) -> list[dict]:
-    """The ``top`` biggest clusters of two or more files, each named by its first-ranked file."""
-    index_of = {file_id: index for index, file_id in enumerate(file_ids)}
-    first = {row["cluster_id"]: index_of[row["file_id"]] for row in rows if row["rank"] == 1}
-    kept = Counter(row["cluster_id"] for row in rows if row["kept"])
-    signals = defaultdict(Counter)
-    for row in rows:
-        signals[row["cluster_id"]].update(row["linked_by"])
-    largest = sorted((c for c, size in sizes.items() if size > 1), key=lambda c: (-sizes[c], c))[:top]
-    return [{
-        "cluster_id": cluster,
-        "files": sizes[cluster],
-        "kept": kept[cluster],
-        "composer": meta["composer"][first[cluster]],
-        "title": meta["title"][first[cluster]],
-        "linked_by": dict(sorted(signals[cluster].items())),
-    } for cluster in largest]
+def _nonzero(counts: dict) -> dict[str, int]:
+    return {name: int(count) for name, count in counts.items() if count}
+
+
+def _largest_clusters(table: pa.Table, cluster: np.ndarray, linked: dict[str, np.ndarray],
+                      meta: dict[str, pa.Array], order: np.ndarray, top: int = 10) -> list[dict]:
+    """The ``top`` biggest clusters of two or more files, each named by its first-ranked file.
+
+    ``table`` is sorted by file_id and ``cluster`` in its order, so a cluster's first row holds its id.
+    """
+    sizes = np.bincount(cluster)
+    first_row = np.full(len(sizes), len(cluster), np.int64)
+    np.minimum.at(first_row, cluster, np.arange(len(cluster)))
+    largest = [c for c in np.lexsort((first_row, -sizes)).tolist() if sizes[c] > 1][:top]
+    rank, kept = table.column("rank").to_numpy(), table.column("kept").to_numpy()
+    result = []
+    for code in largest:
+        members = np.flatnonzero(cluster == code)
+        first = order[members[rank[members] == 1][0]]  # its file in arrival order, where meta is
+        result.append({
+            "cluster_id": table.column("cluster_id")[int(members[0])].as_py(),
+            "files": int(sizes[code]),
+            "kept": int(kept[members].sum()),
+            "composer": meta["composer"][int(first)].as_py(),
+            "title": meta["title"][int(first)].as_py(),
+            "linked_by": _nonzero({signal: linked[signal][members].sum() for signal in sorted(SIGNALS)}),
+        })
+    return result

@@ -126,10 +126,10 @@ def _timings(stats: DedupStats) -> dict[str, float]:
         "files_per_s": round(stats.files_per_s, 1),
         "read_seconds": round(stats.read_seconds, 3),
         "signature_seconds": round(stats.signature_seconds, 3),
-        "lsh_insert_seconds": round(stats.lsh_insert_seconds, 3),
-        "lsh_query_seconds": round(stats.lsh_query_seconds, 3),
+        "lsh_seconds": round(stats.lsh_seconds, 3),
+        "cluster_seconds": round(stats.cluster_seconds, 3),
         "signatures_per_s": round(stats.signatures_per_s, 1),
-        "lsh_queries_per_s": round(stats.lsh_queries_per_s, 1),
+        "lsh_signatures_per_s": round(stats.lsh_signatures_per_s, 1),
     }
 
 

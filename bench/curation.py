@@ -13,12 +13,13 @@ collapse, near-duplicates for MinHash, opus keys from Bach's BWV titles).
 
 Then, on that corpus, in one run:
 
-1. ``deduplicate`` (``--workers`` processes read and sign, the LSH index runs in this one):
-   MinHash signatures/s, LSH queries/s and files/s, extrapolated to Aria-MIDI's 1,186,253 files
-   (goal: under 10 minutes on 2 cores), from the wall time and from the CPU time spread over the
-   cores. A run on every 4th piece (all of its copies) measures how the time grows with the
-   corpus: LSH candidates between different pieces grow with the square of the files. Demo files
-   are short (~70 s, Aria-MIDI's ~305 s), so a third estimate scales the per-note work up.
+1. ``deduplicate`` as the opus_dedup asset calls it, in a fresh process (its memory is its
+   own), on a corpus of its own: the demo pieces lengthened to Aria-MIDI's ~1,700 notes a file
+   (``--notes-per-file``) by variations of themselves (mirrored and stretched intervals, the same
+   rhythm), then replicated as above. Files/s, MinHash signatures/s, LSH and clustering time,
+   peak memory. Each stage is extrapolated to Aria-MIDI's 1,186,253 files (goal: under 10
+   minutes on 2 cores, writing included) at the growth measured between every 4th piece (all of
+   its copies) and every piece: LSH candidates between different pieces grow faster than the files.
 2. ``evaluate_quality`` (DuckDB, the "scores" preset the pipeline uses for the demo corpus):
    notes/s (goal >= 10M notes/s).
 3. ``build_token_shards`` from the dedup and quality tables just written: tokens/s.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import multiprocessing
 import os
 import resource
 import shutil
@@ -48,6 +50,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,7 +75,7 @@ from aria_model.sources import MANIFEST_SCHEMA, build_manifest  # noqa: E402
 
 # Aria-MIDI "full" (reference/aria.md §10): the corpus the dedup goal is about.
 ARIA_MIDI_FILES = 1_186_253
-ARIA_MIDI_MEAN_LENGTH_S = 100_629 * 3600 / ARIA_MIDI_FILES  # ~305 s a file
+ARIA_MIDI_NOTES = 2.0e9  # ~1,700 notes a file
 DEDUP_GOAL_S = 600.0  # 1.2M files in under 10 minutes
 QUALITY_GOAL_NOTES_PER_S = 10e6
 STAGES = ("dedup", "quality", "shards", "loader")  # --stages: in this order, each on the ones before
@@ -312,44 +315,136 @@ def notes_table(rows: list[dict]) -> pa.Table:
 
 # -- 1. dedup ------------------------------------------------------------------------------
 
+# Variations that lengthen a piece: pitches mirrored and stretched about the piece's median pitch,
+# so each variation has other intervals than the piece (new shingles) and the same rhythm.
+VARIATION_SCALES = (1.0, -1.0, 1.5, -1.5, 0.75, -0.75, 1.25, -1.25, 2.0, -2.0)
+VARIATION_GAP_MS = 1000
+
+
+def lengthened(notes: pa.Table, notes_per_file: float) -> pa.Table:
+    """The demo pieces, each followed by variations of itself to ``notes_per_file`` notes on average.
+
+    Every piece grows by the same factor, so the spread of lengths stays the demo corpus's; the
+    number of pieces stays too, so dedup's clusters keep their sizes. Rows are on the 1 tick =
+    1 ms timebase.
+    """
+    factor = notes_per_file * notes.num_rows / sum(len(p) for p in notes["pitch"].to_pylist())
+    if factor <= 1:
+        return notes
+    return notes_table([lengthened_piece(piece, factor) for piece in notes.to_pylist()])
+
+
+def lengthened_piece(piece: dict, factor: float) -> dict:
+    onset, duration = np.asarray(piece["onset_ms"], np.int64), np.asarray(piece["duration"], np.int64)
+    pitch = np.asarray(piece["pitch"], np.float64)
+    n, wanted = len(pitch), round(factor * len(pitch))
+    segments = math.ceil(wanted / n)
+    if segments > len(VARIATION_SCALES):
+        raise ValueError(f"a piece can grow {len(VARIATION_SCALES)}-fold at most, not {factor:.1f}-fold")
+    period = int((onset + duration).max() - onset.min()) + VARIATION_GAP_MS
+    centre = np.median(pitch)
+    onset = np.concatenate([onset - onset.min() + k * period for k in range(segments)])[:wanted]
+    pitch = np.concatenate([centre + scale * (pitch - centre) for scale in VARIATION_SCALES[:segments]])[:wanted]
+    duration = np.tile(duration, segments)[:wanted]
+    return dict(
+        piece,
+        n_notes=wanted,
+        n_parsed_notes=wanted,
+        duration_ms=int((onset + duration).max()),
+        onset_ms=onset,
+        duration=duration.astype(np.int32),
+        pitch=np.clip(np.rint(pitch), 21, 108).astype(np.uint8),  # the piano's keys
+        velocity=np.tile(piece["velocity"], segments)[:wanted].astype(np.uint8),
+        instrument=np.tile(piece["instrument"], segments)[:wanted].astype(np.uint8),
+        channel=np.tile(piece["channel"], segments)[:wanted].astype(np.uint8),
+        start_tick=onset,
+        end_tick=onset + duration,
+        tempo_tick=np.zeros(1, np.int64),
+        tempo_us=np.full(1, TEMPO_US, np.int64),
+        ticks_per_beat=TICKS_PER_BEAT,
+    )
+
 
 def dedup_metadata(manifest: Path) -> pa.Table:
     return pq.read_table(manifest, columns=["file_id", "composer", "opus", "piece", "title", "transcription_score"])
 
 
-def run_dedup(corpus: Corpus, notes_dir: Path, workers: int) -> tuple[DedupResult, Stage]:
-    """deduplicate as the opus_dedup asset calls it: notes read from the parts, 512 rows a task."""
-    parts = [str(p) for p in part_files(notes_dir)]
-    file_ids = pa.concat_tables(pq.read_table(p, columns=["file_id"]) for p in parts)["file_id"]
-    metadata = dedup_metadata(corpus.manifest)
-    metadata = metadata.filter(pc.is_in(metadata["file_id"], value_set=file_ids.combine_chunks()))
+@dataclass
+class DedupRun:
+    """One deduplicate call as the opus_dedup asset makes it, and the writing of its table."""
+
+    result: DedupResult
+    seconds: float  # wall, deduplicate + write
+    cpu: float  # CPU seconds of the process and of its workers
+    write_seconds: float
+    start_rss_mb: float  # the process that called deduplicate, before the call: mostly its imports
+    peak_rss_mb: float  # its peak
+    worker_rss_mb: float  # its largest worker's peak
+
+
+def timed_dedup(parts: list[str], manifest: Path, workers: int, out: Path) -> DedupRun:
+    multiprocessing.set_start_method(None, force=True)  # the platform's, as the pipeline has, not spawn
+    # Load the compiled code (its workers fork with it) before timing: once per process, it would
+    # otherwise weigh on the smaller run and hide how the stages grow.
+    deduplicate(pq.ParquetFile(parts[0]).read_row_group(0), workers=1)
+    metadata = dedup_metadata(manifest)
     config = DedupConfig.preset("pruned")
+    start_rss = memory_mb("VmRSS")
     with Stage() as stage:
-        # Worker processes read the parts and sign; LSH runs here meanwhile.
-        result = deduplicate(NoteParts(parts, batch_rows=512), metadata, config, workers=workers)
-    return result, stage
+        result = deduplicate(NoteParts(parts), metadata, config, workers=workers)
+        with Stage() as write:
+            write_parquet_atomic(result.table, out)
+    return DedupRun(result, stage.seconds, stage.cpu, write.seconds, start_rss, memory_mb("VmHWM"), peak_rss_mb()[1])
 
 
-def bench_dedup(corpus: Corpus, out: Path, workers: int) -> Path:
-    print("dedup (deduplicate):", flush=True)
-    run_dedup(corpus, corpus.quarter_notes_dir, workers)  # warm-up: lazy imports and caches, then time
-    small, small_stage = run_dedup(corpus, corpus.quarter_notes_dir, workers)  # every 4th piece: the growth
-    result, stage = run_dedup(corpus, corpus.notes_dir, workers)
-    stats = result.stats
+def memory_mb(field: str) -> float:
+    """A memory figure of this process from /proc (Linux), MB. VmHWM, unlike ru_maxrss, is not
+    inherited from the process that started this one."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_dedup(corpus: Corpus, notes_dir: Path, workers: int, out: Path) -> DedupRun:
+    """timed_dedup in a fresh process, so that its peak memory is dedup's, not this bench's corpus's."""
+    parts = [str(p) for p in part_files(notes_dir)]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+        return fresh.submit(timed_dedup, parts, corpus.manifest, workers, out).result()
+
+
+def bench_dedup(manifest: pa.Table, notes: pa.Table, args: argparse.Namespace, out: Path) -> None:
+    """deduplicate on the demo pieces lengthened to ``args.notes_per_file`` and replicated to ``args.files``."""
+    print(f"dedup (deduplicate) on pieces lengthened to {args.notes_per_file:,.0f} notes a file:", flush=True)
+    with Stage() as stage:
+        corpus = replicate(manifest, lengthened(notes, args.notes_per_file), args.files, args.exact_share, args.seed,
+                           out)
+    print(f"  {notes.num_rows} pieces -> {args.files:,} files ({corpus.exact_copies:,} exact copies), "
+          f"{corpus.notes:,} notes, {corpus.notes / args.files:,.0f} notes and {corpus.length_s:.0f} s a file")
+    record("dedup corpus: lengthen + replicate", stage.seconds, stage.cpu, args.files / stage.seconds, "files/s")
+    table = out / "opus_dedup.parquet"
+    run_dedup(corpus, corpus.quarter_notes_dir, args.workers, table)  # warm-up: compiled code and caches
+    small = run_dedup(corpus, corpus.quarter_notes_dir, args.workers, table)  # every 4th piece: the growth
+    full = run_dedup(corpus, corpus.notes_dir, args.workers, table)
+    stats = full.result.stats
     per_core = " per core" if stats.workers > 1 else ""  # worker times add up: rates are per core
+    record(f"dedup: read+hash+shingle{per_core}", stats.read_seconds, None, stats.files / stats.read_seconds,
+           "files/s")
     record(f"dedup: MinHash signatures{per_core}", stats.signature_seconds, None, stats.signatures_per_s,
            "signatures/s")
-    record("dedup: LSH queries", stats.lsh_query_seconds, None, stats.lsh_queries_per_s, "queries/s")
-    record("dedup: LSH inserts", stats.lsh_insert_seconds, None, stats.signatures / stats.lsh_insert_seconds,
-           "inserts/s")
-    record(f"dedup: read+shingle{per_core}", stats.read_seconds, None, stats.files / stats.read_seconds,
+    record("dedup: LSH bands + check", stats.lsh_seconds, None, stats.lsh_signatures_per_s, "signatures/s")
+    record("dedup: clusters + table", stats.cluster_seconds, None, stats.files / stats.cluster_seconds, "files/s")
+    record("dedup: write table", full.write_seconds, None, stats.files / full.write_seconds, "files/s")
+    record(f"dedup: whole, {plural(stats.workers, 'worker')}", full.seconds, full.cpu, stats.files / full.seconds,
            "files/s")
-    record(f"dedup: whole, {plural(stats.workers, 'worker')}", stage.seconds, stage.cpu,
-           stats.files / stage.seconds, "files/s")
+    report_dedup_work(full.result, corpus)
+    report_dedup_extrapolation(full, small, corpus)
+
+
+def dedup_table(corpus: Corpus, out: Path, workers: int) -> Path:
+    """The opus_dedup table of ``corpus``, for the shard stage (untimed: dedup is timed on its own corpus)."""
     path = out / "opus_dedup.parquet"
-    write_parquet_atomic(result.table, path)
-    report_dedup_work(result, corpus)
-    report_dedup_extrapolation(result, stage, small, small_stage, corpus)
+    run_dedup(corpus, corpus.notes_dir, workers, path)
     return path
 
 
@@ -377,47 +472,83 @@ def pairwise_precision_recall(truth: dict, predicted: dict) -> tuple[float, floa
             together / max(pairs(Counter(truth.values()).values()), 1))
 
 
-def report_dedup_extrapolation(full: DedupResult, full_stage: Stage, small: DedupResult, small_stage: Stage,
-                               corpus: Corpus) -> None:
-    """Three estimates for Aria-MIDI's 1,186,253 files, each from two bases, against the 10-minute goal.
+def report_dedup_extrapolation(full: DedupRun, small: DedupRun, corpus: Corpus) -> None:
+    """Each stage of dedup extrapolated to Aria-MIDI's 1,186,253 files from two corpus sizes.
 
-    Bases: the wall time measured here (other jobs' load included), and the CPU time spread over
-    the cores the call can use (this process and its workers): an idle machine's best case.
-    The growth exponent comes from CPU times, which other jobs' load disturbs less.
+    Every 4th piece with all its copies, then every piece: the files per piece stay, so pairs of
+    near-duplicates grow with the files and only spurious candidates (pairs of different pieces)
+    grow faster. Each stage's CPU seconds at the two sizes are extrapolated by ``_extrapolated``.
+    The workers' stage spreads over the cores; the LSH, clusters and writing run in one process
+    after it. The sum is an idle machine's time; times this run's wall / that sum at this size,
+    it is the time at this run's load.
     """
-    files, small_files = full.stats.files, small.stats.files
-    processes = 1 if full.stats.workers <= 1 else full.stats.workers + 1
-    cores = min(os.cpu_count() or 1, processes)
-    scale = ARIA_MIDI_FILES / files
-    measurable = small_files < files and small_stage.cpu > 0
-    growth = math.log(full_stage.cpu / small_stage.cpu) / math.log(files / small_files) if measurable else 1.0
-    # Reading, hashing, shingling and signing grow with the notes of a file; LSH work does not. Both
-    # are timed by the clock (the workers' times added up), so their ratio is their share of the work.
-    per_note = full.stats.read_seconds + full.stats.signature_seconds
-    per_note_share = per_note / (per_note + full.stats.lsh_query_seconds + full.stats.lsh_insert_seconds)
-    longer = scale * per_note_share * (ARIA_MIDI_MEAN_LENGTH_S / corpus.length_s - 1)
+    stats, small_stats = full.result.stats, small.result.stats
+    files, small_files = stats.files, small_stats.files
+    cores = min(os.cpu_count() or 1, stats.workers)
 
-    def estimates(base: float) -> list[float]:
-        linear, grown = base * scale, base * scale ** growth
-        return [linear, grown, max(linear, grown) + base * longer]
+    def parts(run: DedupRun) -> dict[str, float]:
+        s = run.result.stats
+        timed = {"workers: read, hash, shingle, sign": s.read_seconds + s.signature_seconds,
+                 "LSH: bands, candidate check": s.lsh_seconds,
+                 "clusters, ranks, table": s.cluster_seconds,
+                 "write the table": run.write_seconds}
+        # Starting processes, listing tasks, moving batches: what the stages leave of the CPU seconds.
+        return {**timed, "the rest (pool, transfers)": max(run.cpu - sum(timed.values()), 0.0)}
 
-    wall, idle = estimates(full_stage.seconds), estimates(full_stage.cpu / cores)
-    print(f"  growth: {small_files:,} files in {small_stage.cpu:.1f} CPU-s, {files:,} in {full_stage.cpu:.1f} CPU-s: "
-          f"time ~ files^{growth:.2f}; LSH candidate pairs {small.stats.candidate_pairs:,} -> "
-          f"{full.stats.candidate_pairs:,}")
-    print(f"  extrapolated to {ARIA_MIDI_FILES:,} files (goal < {DEDUP_GOAL_S / 60:.0f} min on 2 cores): "
-          f"{'from wall time':>22}  {f'from CPU-s / {cores} core' + 's' * (cores > 1):>22}")
-    labels = ["linear in files", f"at the measured growth, files^{growth:.2f}",
-              f"the larger, at Aria-MIDI's {ARIA_MIDI_MEAN_LENGTH_S:.0f} s a file (here {corpus.length_s:.0f} s)"]
-    shorts = ["linear", f"files^{growth:.2f}", "Aria-MIDI length"]
-    for label, short, from_wall, from_cpu in zip(labels, shorts, wall, idle):
-        print(f"    {label:<58} {from_wall / 60:7.1f} min {verdict(from_wall < DEDUP_GOAL_S):<6}"
-              f" {from_cpu / 60:12.1f} min {verdict(from_cpu < DEDUP_GOAL_S)}")
-        record(f"dedup 1.2M files, {short}", from_wall, None, goal=f"< {DEDUP_GOAL_S / 60:.0f} min",
-               verdict=verdict(from_wall < DEDUP_GOAL_S), quiet=True)
-    # The LSH index lives in one process: its time is a floor under any number of workers.
-    lsh = (full.stats.lsh_query_seconds + full.stats.lsh_insert_seconds) * scale
-    print(f"    of which LSH queries + inserts (one process, linear, wall): {lsh / 60:.1f} min")
+    spread = {"workers: read, hash, shingle, sign", "the rest (pool, transfers)"}  # over the cores
+    here, small_parts = parts(full), parts(small)
+    print(f"  extrapolated to {ARIA_MIDI_FILES:,} files at {corpus.notes / files:,.0f} notes a file "
+          f"(goal < {DEDUP_GOAL_S / 60:.0f} min on {plural(cores, 'core')}), stage by stage:")
+    print(f"    {'stage':<36} {f'CPU s, {small_files:,} files':>22} {f'{files:,} files':>14} {'growth':>13}"
+          f" {'1.2M files':>11}")
+    idle_here = idle = 0.0
+    for name, seconds in here.items():
+        at_scale, growth = _extrapolated(small_parts[name], seconds, small_files, files)
+        share = cores if name in spread else 1
+        at_scale /= share
+        idle_here, idle = idle_here + seconds / share, idle + at_scale
+        print(f"    {name:<36} {small_parts[name]:22.2f} {seconds:14.2f} {f'files^{growth:.2f}':>13}"
+              f" {at_scale / 60:7.1f} min{' (/' + str(cores) + ' cores)' if share > 1 else ''}")
+    load = full.seconds / idle_here
+    at_load = idle * load
+    print(f"    {'total on an idle machine':<88} {idle / 60:7.1f} min {verdict(idle < DEDUP_GOAL_S)}")
+    print(f"    {f'total at this run load (wall {full.seconds:.1f} s = {load:.2f} x the idle model here)':<88} "
+          f"{at_load / 60:7.1f} min {verdict(at_load < DEDUP_GOAL_S)}")
+    record("dedup 1.2M files, idle machine", idle, None, goal=f"< {DEDUP_GOAL_S / 60:.0f} min",
+           verdict=verdict(idle < DEDUP_GOAL_S), quiet=True)
+    record("dedup 1.2M files, this load", at_load, None, goal=f"< {DEDUP_GOAL_S / 60:.0f} min",
+           verdict=verdict(at_load < DEDUP_GOAL_S), quiet=True)
+    report_dedup_scaling(full, small)
+
+
+def report_dedup_scaling(full: DedupRun, small: DedupRun) -> None:
+    """Candidate pairs and memory at the two sizes, extrapolated the same way."""
+    stats, small_stats = full.result.stats, small.result.stats
+    scale = ARIA_MIDI_FILES / stats.files
+    pairs, growth = _extrapolated(small_stats.candidate_pairs, stats.candidate_pairs, small_stats.files, stats.files)
+    print(f"  LSH candidate pairs {small_stats.candidate_pairs:,} -> {stats.candidate_pairs:,} (files^{growth:.2f}): "
+          f"~{pairs / 1e6:,.0f}M at 1.2M files; checked at "
+          f"{stats.candidate_pairs / stats.lsh_seconds:,.0f} candidates/s with their bands")
+    per_file = (full.peak_rss_mb - small.peak_rss_mb) / (stats.files - small_stats.files)
+    signatures_mb = stats.signatures * scale * DedupConfig.preset("pruned").num_perm * 4 / 1e6  # uint32 values
+    print(f"  peak memory of the deduplicate process: {small.peak_rss_mb:,.0f} MB ({small_stats.files:,} files), "
+          f"{full.peak_rss_mb:,.0f} MB ({stats.files:,}), {full.start_rss_mb:,.0f} MB of it before the call "
+          f"(imports); {per_file * 1e3:,.1f} kB a file: ~{full.peak_rss_mb + per_file * (ARIA_MIDI_FILES - stats.files):,.0f}"
+          f" MB at 1.2M files (of it the uint32 signature matrix ~{signatures_mb:,.0f} MB); each worker "
+          f"{full.worker_rss_mb:,.0f} MB")
+
+
+def _extrapolated(small: float, large: float, small_files: int, files: int) -> tuple[float, float]:
+    """(the amount at ARIA_MIDI_FILES, its growth exponent g between the two sizes).
+
+    The larger of two lines through the two points: a fixed part plus a part per file, and
+    files^g, which is above it when g > 1 (work growing faster than the files).
+    """
+    if small_files >= files or small <= 0 or large <= 0:
+        return large * ARIA_MIDI_FILES / files, 1.0
+    affine = large + max(large - small, 0.0) / (files - small_files) * (ARIA_MIDI_FILES - files)
+    growth = math.log(large / small) / math.log(files / small_files)
+    return max(affine, large * (ARIA_MIDI_FILES / files) ** growth), growth
 
 
 # -- 2. quality ----------------------------------------------------------------------------
@@ -535,14 +666,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder and print its path")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help=f"comma-separated stages to run, of {','.join(STAGES)} (default: all; shards "
-                             "needs dedup and quality, loader needs shards)")
+                             "needs quality, loader needs shards)")
+    parser.add_argument("--notes-per-file", type=float, default=ARIA_MIDI_NOTES / ARIA_MIDI_FILES,
+                        help="dedup's corpus: the demo pieces lengthened to this many notes a file on average "
+                             "(default: Aria-MIDI's ~1,700; 0: the demo pieces as they are)")
     args = parser.parse_args(argv)
     args.stages = [stage for stage in args.stages.split(",") if stage]
     if unknown := set(args.stages) - set(STAGES):
         parser.error(f"unknown stage(s) {sorted(unknown)}; known: {list(STAGES)}")
-    if "shards" in args.stages and not {"dedup", "quality"} <= set(args.stages) or \
+    if "shards" in args.stages and "quality" not in args.stages or \
             "loader" in args.stages and "shards" not in args.stages:
-        parser.error("shards needs dedup and quality, loader needs shards")
+        parser.error("shards needs quality, loader needs shards")
     if args.files < 8:
         parser.error("--files must be at least 8 (a quarter of the pieces is timed separately)")
 
@@ -581,10 +715,11 @@ def run(args: argparse.Namespace, work: Path) -> None:
         record("corpus: replicate -> midi_notes", stage.seconds, stage.cpu, args.files / stage.seconds, "files/s")
 
         if "dedup" in args.stages:
-            dedup = bench_dedup(corpus, work / "bench", args.workers)
+            bench_dedup(manifest, notes, args, work / "dedup_bench")
         if "quality" in args.stages:
             quality = bench_quality(corpus, work / "bench", args.repeat)
         if "shards" in args.stages:
+            dedup = dedup_table(corpus, work / "bench", args.workers)
             shards = bench_shards(corpus, dedup, quality, work / "bench", args.workers, args.row_group_tokens,
                                   args.min_shard_files)
         if "loader" in args.stages:
