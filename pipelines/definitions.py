@@ -3,6 +3,7 @@
 import dagster as dg
 
 from assets import (
+                 ablations,
                  contrastive_model,
                  demo_corpus,
                  generation_samples,
@@ -21,7 +22,7 @@ from pipelines.schedules import SCHEDULES, with_model_freshness
 from pipelines.sensors import SENSORS, SOURCE_CHECKS
 
 ASSET_MODULES = [demo_corpus, raw_midi_manifest, midi_notes, opus_dedup, quality_filter, token_shards,
-                 pretrained_model, contrastive_model, probe_dataset, probe_eval, generation_samples]
+                 pretrained_model, contrastive_model, probe_dataset, probe_eval, generation_samples, ablations]
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 ASSET_CHECKS = dg.load_asset_checks_from_modules(ASSET_MODULES)
 

@@ -58,7 +58,32 @@ generate_job = dg.define_asset_job(
     description="Continue held-out prompts with the latest pretrained model: MIDI, piano rolls, tempo drift.",
 )
 
-JOBS = [ingest_job, pretrain_job, finetune_job, evaluate_job, full_job, generate_job]
+ablation_contrastive_epochs_job = dg.define_asset_job(
+    "ablation_contrastive_epochs",
+    selection=dg.AssetSelection.assets("ablation_contrastive_epochs"),
+    tags=GPU_TAGS,
+    description="Probe accuracy after 0 / 1 / ... contrastive epochs, from the pretrained model and from scratch: "
+                "<home>/ablations/contrastive_epochs/summary.parquet.",
+)
+
+ablation_data_scale_job = dg.define_asset_job(
+    "ablation_data_scale",
+    selection=dg.AssetSelection.assets("ablation_data_scale"),
+    tags=GPU_TAGS,
+    description="Pretrain on 10 / 25 / 50 / 100 % of the train split's pieces (same steps), then contrastive + "
+                "probe: <home>/ablations/data_scale/summary.parquet.",
+)
+
+ablation_tokenizer_job = dg.define_asset_job(
+    "ablation_tokenizer",
+    selection=dg.AssetSelection.assets("ablation_tokenizer"),
+    tags=GPU_TAGS,
+    description="Absolute vs relative tokenizer, same model, notes and steps: validation loss per note and tempo "
+                "drift of continuations: <home>/ablations/tokenizer/summary.parquet.",
+)
+ABLATION_JOBS = [ablation_contrastive_epochs_job, ablation_data_scale_job, ablation_tokenizer_job]
+
+JOBS = [ingest_job, pretrain_job, finetune_job, evaluate_job, full_job, generate_job, *ABLATION_JOBS]
 
 # The job the README's first command runs.
 MAIN_JOB = "full"

@@ -13,7 +13,7 @@ import pytest
 from aria_model.notes_table import part_files
 from pipelines.definitions import ASSET_CHECKS, ASSETS
 from pipelines.jobs import ingest_job
-from pipelines.resources import AriaHome, MidiSource
+from pipelines.resources import AriaHome, MidiSource, MlflowTracking
 from tests.conftest import BAD_FILES, GOOD_GOLDEN
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,9 @@ def instance(tmp_path):
 
 
 def _run_ingest(instance, home: Path, source: Path | None, run_config: dict | None = None):
-    resources = {"home": AriaHome(path=str(home)), "source": MidiSource(path=str(source) if source else None)}
+    # Resources of assets outside the ingest selection must still be bound for the code location to load.
+    resources = {"home": AriaHome(path=str(home)), "source": MidiSource(path=str(source) if source else None),
+                 "mlflow": MlflowTracking(), "pipes_client": dg.PipesSubprocessClient()}
     return dg.materialize(
         [*ASSETS, *ASSET_CHECKS],
         resources=resources,
