@@ -29,7 +29,7 @@ from aria_model.midi import load_midi
 from assets.opus_dedup import dedup_has_one_row_per_parsed_file, dedup_keeps_at_most_the_cap
 from pipelines.definitions import ASSET_CHECKS, ASSETS
 from pipelines.jobs import INGEST_ASSETS
-from pipelines.resources import AriaHome, MidiSource
+from pipelines.resources import AriaHome, MidiSource, MlflowTracking
 from tests.conftest import GOLDEN_DIR, GOLDEN_MIDI
 from tests.midi_builders import midi_bytes, note
 
@@ -535,7 +535,8 @@ def test_asset_materializes_with_the_ingest_assets(tmp_path, aria_midi_source):
         result = dg.materialize(
             [*ASSETS, *ASSET_CHECKS],
             selection=dg.AssetSelection.assets(*INGEST_ASSETS),
-            resources={"home": AriaHome(path=str(home)), "source": MidiSource(path=str(aria_midi_source))},
+            resources={"home": AriaHome(path=str(home)), "source": MidiSource(path=str(aria_midi_source)),
+                       "mlflow": MlflowTracking(), "pipes_client": dg.PipesSubprocessClient()},
             run_config={"ops": {"opus_dedup": {"config": {"max_per_cluster": 2}},
                                 "midi_notes": {"config": {"workers": 1}}}},
             instance=instance,
