@@ -2,6 +2,7 @@
 (fine-tuned and from scratch, through Pipes) -> probe dataset -> probe eval, with a temporary
 Dagster instance and a real MLflow sqlite store."""
 
+import json
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipelines.cli import demo_run_config, print_probe_results
 from pipelines.definitions import ASSET_CHECKS, ASSETS, defs
 from pipelines.jobs import GPU_TAGS, MAIN_JOB, full_job
 from pipelines.resources import AriaHome, MidiSource, MlflowTracking
+from tests.conftest import GOLDEN_DIR
 
 # 8 pieces per collection: 4 style classes and reel/jig with 4+ pieces each.
 PIECES_PER_COLLECTION = 8
@@ -165,3 +167,37 @@ def test_jobs_and_the_demo_config():
     demo = demo_run_config()["ops"]
     assert demo["contrastive_model"] == demo["contrastive_scratch"]  # the baseline trains as long
     assert "demo_corpus" not in demo and demo_run_config(probe_corpus=True)["ops"]["demo_corpus"]
+
+
+def test_user_eval_splits_are_probed_as_given(chain, tmp_path):
+    """Aria's eval-splits layout: splits kept as given, a file the corpus lacks is parsed from disk,
+    an unreadable one is reported and left out; velocity stays in the handcrafted features."""
+    home, instance, resources, _ = chain
+    demo = read_probe_dataset(home / "probe_dataset" / "probe.parquet").rows("style")
+    chosen = {label: [r for r in demo if r["label"] == label][:5] for label in ("bach", "irish")}
+    splits: dict[str, dict[str, str]] = {"train": {}, "test": {}}
+    for label, rows in chosen.items():
+        for i, row in enumerate(rows):
+            relpath = f"{label}/{i}.mid"
+            (tmp_path / label).mkdir(exist_ok=True)
+            shutil.copy(row["path"], tmp_path / relpath)
+            splits["train" if i < 4 else "test"][relpath] = label
+    shutil.copy(GOLDEN_DIR / "midi" / "bwv66.6.mxl.mid", tmp_path / "outside_corpus.mid")
+    splits["train"]["outside_corpus.mid"] = "bach"
+    (tmp_path / "broken.mid").write_bytes(b"not a MIDI file")
+    splits["train"]["broken.mid"] = "irish"
+    (tmp_path / "metadata.json").write_text(json.dumps({"genre": splits}))
+
+    config = {"ops": {"probe_dataset": {"config": {"eval_splits": str(tmp_path)}}}}
+    result = dg.materialize([*ASSETS, *ASSET_CHECKS], resources=resources, instance=instance, run_config=config,
+                            selection=dg.AssetSelection.assets("probe_dataset", "probe_eval"))
+    assert result.success
+    dataset = _metadata(instance, "probe_dataset")
+    assert dataset["labels"] == f"eval_splits:{tmp_path.resolve()}" and dataset["unreadable_files"] == 1
+    assert "| genre | bach | 6 | 5 | 1 |" in dataset["pieces_per_class"]  # 4 + the outside file in train
+    probe = _metadata(instance, "probe_eval")
+    assert probe["files_without_features"] == 1 and probe["handcrafted_excluded_blocks"] == "none"
+    rows = pq.read_table(home / "probe_eval" / "results.parquet").to_pylist()
+    assert {(r["task"], r["method"]) for r in rows} == {("genre", m) for m in METHODS}
+    assert all(r["n_train"] == 9 and r["n_test"] == 2 for r in rows)  # 4 + 4 + the outside file; broken left out
+    assert sorted(p.name for p in (home / "probe_eval" / "confusion").iterdir())[0] == "genre__aria_contrastive.png"
