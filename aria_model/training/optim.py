@@ -10,9 +10,12 @@ WARMUP_START = 1e-6  # Aria's warmup starts at 1e-6 x lr, not at 0
 
 
 def adamw(parameters, config: OptimConfig) -> torch.optim.AdamW:
-    """AdamW on every parameter (Aria decays norms and embeddings too); fused kernels on CUDA."""
+    """AdamW on every parameter (Aria decays norms and embeddings too).
+
+    The fused kernel (CUDA and CPU) replaces ~300 small ops per step with one per tensor group:
+    bench/train.py measured the per-parameter loop at 4-20 % of a tiny CPU step."""
     params = [p for p in parameters if p.requires_grad]
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") for p in params)
     return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                              weight_decay=config.weight_decay, fused=fused or None)
 
