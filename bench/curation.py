@@ -21,7 +21,7 @@ Then, on that corpus, in one run:
    minutes on 2 cores, writing included) at the growth measured between every 4th piece (all of
    its copies) and every piece: LSH candidates between different pieces grow faster than the files.
 2. ``evaluate_quality`` (DuckDB, the "scores" preset the pipeline uses for the demo corpus):
-   notes/s (goal >= 10M notes/s).
+   notes/s (goal >= 10M notes/s), and a bare DuckDB scan of the note lists it reads: the ceiling.
 3. ``build_token_shards`` from the dedup and quality tables just written: tokens/s.
 4. ``TokenWindows`` through ``ResumableLoader`` (what ``AriaDataModule`` hands the trainer):
    train-split tokens/s with and without augmentation, 0 and ``--workers`` loader workers.
@@ -45,9 +45,7 @@ import math
 import multiprocessing
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -71,6 +69,7 @@ from aria_model.notes_table import NOTES_SCHEMA, PARSER_VERSION, part_files, upd
 from aria_model.quality import QualityConfig, evaluate_quality  # noqa: E402
 from aria_model.shards import SPLITS, ShardConfig, ShardInputs, build_token_shards  # noqa: E402
 from aria_model.sources import MANIFEST_SCHEMA, build_manifest  # noqa: E402
+from bench.common import run_in_scratch  # noqa: E402
 
 
 # Aria-MIDI "full" (reference/aria.md §10): the corpus the dedup goal is about.
@@ -78,6 +77,7 @@ ARIA_MIDI_FILES = 1_186_253
 ARIA_MIDI_NOTES = 2.0e9  # ~1,700 notes a file
 DEDUP_GOAL_S = 600.0  # 1.2M files in under 10 minutes
 QUALITY_GOAL_NOTES_PER_S = 10e6
+QUALITY_NOTE_LISTS = ("onset_ms", "duration", "pitch", "velocity", "channel")  # what the quality rules read per note
 STAGES = ("dedup", "quality", "shards", "loader")  # --stages: in this order, each on the ones before
 TRAINER_TOKENS_PER_S: float | None = None  # what the trainer consumes; None until a trainer bench exists
 
@@ -571,9 +571,22 @@ def bench_quality(corpus: Corpus, out: Path, repeat: int) -> Path:
           f"best of {repeat}, {threads} DuckDB threads; {pc.sum(table['passed']).as_py():,} pass")
     failures = Counter(rule for rules in table["failed_rules"].to_pylist() for rule in rules)
     print(f"  failures by rule: {dict(failures.most_common())}")
+    bench_quality_scan(parts, corpus.notes, repeat)
     path = out / "quality_filter.parquet"
     write_parquet_atomic(table, path)
     return path
+
+
+def bench_quality_scan(parts: list[Path], notes: int, repeat: int) -> None:
+    """What reading the note lists the rules use costs alone: no filter can run faster than this scan."""
+    sums = ", ".join(f"sum(list_sum({column}))" for column in QUALITY_NOTE_LISTS)
+    con = duckdb.connect()
+    best = None
+    for _ in range(repeat):
+        with Stage() as stage:
+            con.sql(f"SELECT {sums} FROM read_parquet($parts)", params={"parts": [str(p) for p in parts]}).fetchall()
+        best = stage if best is None or stage.seconds < best.seconds else best
+    record("quality filter: scan of its note lists only", best.seconds, best.cpu, notes / best.seconds, "notes/s")
 
 
 # -- 3. token shards -----------------------------------------------------------------------
@@ -680,14 +693,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.files < 8:
         parser.error("--files must be at least 8 (a quarter of the pieces is timed separately)")
 
-    work = Path(tempfile.mkdtemp(prefix="curation-bench-"))
-    try:
-        run(args, work)
-    finally:
-        if args.keep:
-            print(f"\nkept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    run_in_scratch(args, run, prefix="curation-bench-")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:

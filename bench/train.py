@@ -81,6 +81,7 @@ from aria_model.training.config import PretrainConfig  # noqa: E402
 from aria_model.training.lm_module import aria_loss  # noqa: E402
 from aria_model.training.optim import adamw, warmup_linear_decay  # noqa: E402
 from aria_model.training.pretrain import pretrain  # noqa: E402
+from bench.common import run_in_scratch  # noqa: E402
 from bench.reference_model import ReferenceLM, ReferenceTrainer  # noqa: E402
 
 GOLDEN_MIDI = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "golden" / "midi"
@@ -701,14 +702,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpu and not torch.cuda.is_available() and not args.dry_run_gpu_path:
         parser.error("--gpu needs CUDA (or add --dry-run-gpu-path)")
 
-    work = Path(tempfile.mkdtemp(prefix="train-bench-"))
-    try:
-        run(args, work)
-    finally:
-        if args.keep:
-            print(f"\nkept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    run_in_scratch(args, run, prefix="train-bench-")
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
