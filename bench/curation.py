@@ -586,7 +586,7 @@ def bench_quality_scan(parts: list[Path], notes: int, repeat: int) -> None:
         with Stage() as stage:
             con.sql(f"SELECT {sums} FROM read_parquet($parts)", params={"parts": [str(p) for p in parts]}).fetchall()
         best = stage if best is None or stage.seconds < best.seconds else best
-    record("quality filter: scan of its note lists only", best.seconds, best.cpu, notes / best.seconds, "notes/s")
+    record("quality: scan only", best.seconds, best.cpu, notes / best.seconds, "notes/s")
 
 
 # -- 3. token shards -----------------------------------------------------------------------

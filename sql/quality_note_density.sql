@@ -4,15 +4,16 @@
 -- second ($max_notes_per_s[i], $max_notes_per_s_per_pitch[i] for window i). One row per file and
 -- window, in f then $windows order.
 -- Times are counted in half-seconds from the first non-drum onset, h = 2 * second (+ 1 unless the
--- note is right on the second), so the window starting at second k holds h in [2k, 2k + 2S].
+-- note is right on the second; h = ceil(ms / 1000) + floor(ms / 1000)), so the window starting at
+-- second k holds h in [2k, 2k + 2S].
 WITH windows AS (
     SELECT i AS window_no, $windows[i] AS seconds, $max_notes_per_s[i] AS max_notes_per_s,
            $max_notes_per_s_per_pitch[i] AS max_notes_per_s_per_pitch
     FROM range(1, len($windows) + 1) AS t(i)
 ), halves AS (
     SELECT f, n_tonal_notes,
-           list_transform(tonal_onset, lambda onset: 2 * ((onset - first_tonal_onset) // 1000)
-                                                     + ((onset - first_tonal_onset) % 1000 > 0)::BIGINT) AS h
+           list_transform(tonal_onset, lambda onset: (onset - first_tonal_onset + 999) // 1000
+                                                     + (onset - first_tonal_onset) // 1000) AS h
     FROM quality_files
     WHERE n_tonal_notes > 0
 ), window_notes AS (
@@ -27,7 +28,7 @@ WITH windows AS (
     -- the same per pitch (windows start on the second of a note of the pitch)
     SELECT f, window_no,
            max(list_reduce(h, lambda size, x, i: size + (x <= (h[i - size] | 1) + (2 * seconds - 1))::INTEGER, 0)) AS notes
-    FROM (SELECT f, list_transform(onsets, lambda onset: 2 * (onset // 1000) + (onset % 1000 > 0)::BIGINT) AS h
+    FROM (SELECT f, list_transform(onsets, lambda onset: (onset + 999) // 1000 + onset // 1000) AS h
           FROM quality_pitch_notes),
          windows
     GROUP BY f, window_no

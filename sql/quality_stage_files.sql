@@ -36,7 +36,8 @@ SELECT f,
        -- Aria counts the instrument classes and the programs of a file's program changes (piano when
        -- it has none); midi_notes keeps the classes (drums apart) and channels, not program numbers.
        greatest(1, len(list_filter(instruments, lambda i: i <> $drum_instrument))) AS n_instruments,
-       len(list_distinct(channel)) AS n_channels,
+       -- most files use one channel: min = max spares the hashing of list_distinct
+       CASE WHEN list_min(channel) = list_max(channel) THEN 1 ELSE len(list_distinct(channel)) END AS n_channels,
        CASE WHEN tonal_positions IS NOT NULL THEN onset_ms END AS onset_ms,
        CASE WHEN tonal_positions IS NOT NULL THEN duration END AS duration,
        tonal_onset,

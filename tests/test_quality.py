@@ -189,6 +189,7 @@ def test_whole_file_metrics_match_python(random_results, piece):
     assert row["notes_per_s"] == pytest.approx(len(piece.onset) * 1000 / span_ms)
     assert row["notes_per_s_per_instrument"] == pytest.approx(len(piece.onset) * 1000 / span_ms)  # drums don't count
     assert row["n_tonal_notes"] == len(tonal) and row["n_notes"] == len(piece.onset)
+    assert row["n_channels"] == len(set(piece.channel))  # one channel, or the drums' besides
 
 
 def test_any_window_lengths_and_drums_leading_by_part_of_a_second(tmp_path):
