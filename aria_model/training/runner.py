@@ -34,7 +34,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -49,6 +48,7 @@ from aria_model.training.config import RunConfig, TrainConfig
 # Sections that must match a checkpoint for a resume to continue the same run; train
 # (max_steps, intervals, devices) and tracking may change between restarts.
 RESUME_SECTIONS = ("model", "data", "optim")
+PIPES_CONTEXT_ENV = "DAGSTER_PIPES_CONTEXT"  # what dagster_pipes itself checks to detect a Pipes launch
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,11 @@ def is_launch_rank_zero() -> bool:
 
 
 def pipes_session():
-    if PipesEnvVarParamsLoader().is_dagster_pipes_process() and is_launch_rank_zero():
+    # Dagster sets this variable in the processes it launches; only then is dagster-pipes (a
+    # standalone, dependency-free package, not dagster) imported, so the library runs without it.
+    if PIPES_CONTEXT_ENV in os.environ and is_launch_rank_zero():
+        from dagster_pipes import open_dagster_pipes
+
         return open_dagster_pipes()
     return nullcontext(None)
 
