@@ -51,9 +51,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from torch.utils.data import IterableDataset
 
-from aria_model.data import ResumePoint, SplitDataModule, _key, _worker_slot, shuffle_buffer
+from aria_model.data import SplitDataModule, UnitStream, _key, shuffle_buffer
 from aria_model.embedding import note_slice, read_weights
 from aria_model.midi import Performance
 from aria_model.model import AriaLoadReport, TransformerEMB, load_aria_state_dict
@@ -177,7 +176,7 @@ class _NotesUnit:
     file_ids: tuple[str, ...]
 
 
-class ViewPairs(IterableDataset):
+class ViewPairs(UnitStream):
     """Streaming ``ViewPair``s of the files of one token_shards split; see the module docstring.
 
     Implements what ``ResumableLoader`` needs: ``set_epoch``, ``resume_at`` and
@@ -196,48 +195,15 @@ class ViewPairs(IterableDataset):
         if missing:
             raise ValueError(f"{missing} of the {len(split_files)} {split} files are not in {notes_dir}; "
                              f"token_shards and midi_notes disagree (rebuild token_shards)")
-        self.epoch = 0
-        self.resume: ResumePoint | None = None
 
     @property
     def n_files(self) -> int:
         return sum(len(u.file_ids) for u in self.units)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def _item_count(self, units: list[_NotesUnit]) -> int:
+        return sum(len(u.file_ids) for u in units)  # one pair per file
 
-    def resume_at(self, resume: ResumePoint | None) -> None:
-        self.resume = resume
-
-    def __iter__(self) -> Iterator[ViewPair]:
-        # Not a generator: the epoch and skip are read now, when the loader starts this worker.
-        worker, num_workers = _worker_slot()
-        skip = 0
-        if self.resume:
-            worker = (worker + self.resume.first_worker) % num_workers
-            skip = self.resume.skip_windows[worker]
-        slot = self.rank * num_workers + worker
-        return self._pairs(self._units_of(slot, self.world_size * num_workers), slot, skip)
-
-    def windows_per_worker(self, num_workers: int, rank: int | None = None) -> list[int]:
-        """Pairs each loader worker of ``rank`` (default: this rank) yields per epoch."""
-        n_workers = max(num_workers, 1)
-        first = (self.rank if rank is None else rank) * n_workers
-        return [sum(len(u.file_ids) for u in self._units_of(slot, self.world_size * n_workers))
-                for slot in range(first, first + n_workers)]
-
-    def batches_per_rank(self, batch_size: int, num_workers: int) -> list[int]:
-        """Batches every rank's loader yields per epoch (each worker batches its own pairs)."""
-        return [sum(math.ceil(n / batch_size) for n in self.windows_per_worker(num_workers, rank))
-                for rank in range(self.world_size)]
-
-    def _units_of(self, slot: int, n_slots: int) -> list[_NotesUnit]:
-        order = np.arange(len(self.units))
-        if self.config.training:
-            order = self._rng(_UNIT_ORDER).permutation(len(self.units))
-        return [self.units[i] for i in order[slot::n_slots]]
-
-    def _pairs(self, units: list[_NotesUnit], slot: int, skip: int) -> Iterator[ViewPair]:
+    def _stream(self, units: list[_NotesUnit], slot: int, skip: int) -> Iterator[ViewPair]:
         files = self._performances(units)
         if self.config.training:
             files = shuffle_buffer(files, self.config.shuffle_pairs, self._rng(_PAIR_BUFFER, slot))
@@ -267,8 +233,6 @@ class ViewPairs(IterableDataset):
             for i in order:
                 yield rows[i]["file_id"], performance_from_row(rows[i])
 
-    def _rng(self, stream: int, *keys: int) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, self.epoch, stream, *keys])
 
 
 def split_file_ids(shards_root: str | Path, split: str) -> set[str]:

@@ -97,7 +97,70 @@ class _Unit:
     n_tokens: np.ndarray  # per row
 
 
-class TokenWindows(IterableDataset):
+class UnitStream(IterableDataset):
+    """A stream over work units (Parquet row groups) dealt to ``world_size * num_workers`` slots.
+
+    What ``ResumableLoader`` needs, shared by the token-window and view-pair datasets:
+    ``set_epoch``, ``resume_at``, the per-worker item counts, and the epoch's unit order
+    (seeded shuffle for training). Subclasses set ``units``, ``config`` (``seed``,
+    ``training``), ``rank`` and ``world_size``, and define ``_item_count(units)`` (items a
+    slot yields from its units) and ``_stream(units, slot, skip)``.
+    """
+
+    epoch = 0
+    resume: ResumePoint | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's shuffles and draws (call before iterating; workers copy it)."""
+        self.epoch = epoch
+
+    def resume_at(self, resume: ResumePoint | None) -> None:
+        """Make the next iteration go on from ``resume`` (None: from the start of the epoch)."""
+        self.resume = resume
+
+    def __iter__(self) -> Iterator:
+        # Not a generator: the epoch and skip are read now, when the loader starts this worker.
+        worker, num_workers = _worker_slot()
+        skip = 0
+        if self.resume:
+            worker = (worker + self.resume.first_worker) % num_workers
+            skip = self.resume.skip_windows[worker]
+        slot = self.rank * num_workers + worker
+        return self._stream(self._units_of(slot, self.world_size * num_workers), slot, skip)
+
+    def windows_per_worker(self, num_workers: int, rank: int | None = None) -> list[int]:
+        """Items each loader worker of ``rank`` (default: this rank) yields in the current epoch."""
+        n_workers = max(num_workers, 1)
+        first = (self.rank if rank is None else rank) * n_workers
+        return [self._item_count(self._units_of(slot, self.world_size * n_workers))
+                for slot in range(first, first + n_workers)]
+
+    def batches_per_rank(self, batch_size: int, num_workers: int) -> list[int]:
+        """Batches every rank's loader yields this epoch (each worker batches its own items).
+
+        Ranks can differ; under DDP train by ``max_steps`` or limit every rank to the minimum,
+        or the ranks that run longer wait forever in the gradient all-reduce.
+        """
+        return [sum(math.ceil(w / batch_size) for w in self.windows_per_worker(num_workers, rank))
+                for rank in range(self.world_size)]
+
+    def _units_of(self, slot: int, n_slots: int) -> list:
+        order = np.arange(len(self.units))
+        if self.config.training:
+            order = self._rng(_UNIT_ORDER).permutation(len(self.units))
+        return [self.units[i] for i in order[slot::n_slots]]
+
+    def _rng(self, stream: int, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.config.seed, self.epoch, stream, *keys])
+
+    def _item_count(self, units: list) -> int:
+        raise NotImplementedError
+
+    def _stream(self, units: list, slot: int, skip: int) -> Iterator:
+        raise NotImplementedError
+
+
+class TokenWindows(UnitStream):
     """Streaming ``(input, target, loss_mask)`` windows of one split; see the module docstring."""
 
     def __init__(
@@ -114,59 +177,16 @@ class TokenWindows(IterableDataset):
         self.tokenizer = tokenizer or AbsTokenizer()
         self.augmentations = self.tokenizer.export_data_aug() if self.config.training and self.config.augment else []
         self.units = _read_units(shard_paths(Path(shards_root).expanduser(), split))
-        self.epoch = 0
-        self.resume: ResumePoint | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's shuffles and draws (call before iterating; workers copy it)."""
-        self.epoch = epoch
-
-    def resume_at(self, resume: ResumePoint | None) -> None:
-        """Make the next iteration go on from ``resume`` (None: from the start of the epoch)."""
-        self.resume = resume
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        # Not a generator: the epoch and skip are read now, when the loader starts this worker.
-        worker, num_workers = _worker_slot()
-        skip = 0
-        if self.resume:
-            worker = (worker + self.resume.first_worker) % num_workers
-            skip = self.resume.skip_windows[worker]
-        slot = self.rank * num_workers + worker
-        units = self._units_of(slot, self.world_size * num_workers)
-        return self._examples(units, slot, skip)
-
-    def windows_per_worker(self, num_workers: int, rank: int | None = None) -> list[int]:
-        """Windows each loader worker of ``rank`` (default: this rank) yields in the current epoch."""
-        n_workers = max(num_workers, 1)
-        first = (self.rank if rank is None else rank) * n_workers
-        return [self._window_count(self._units_of(slot, self.world_size * n_workers))
-                for slot in range(first, first + n_workers)]
-
-    def batches_per_rank(self, batch_size: int, num_workers: int) -> list[int]:
-        """Batches every rank's loader yields this epoch (each worker batches its own windows).
-
-        Ranks can differ; under DDP train by ``max_steps`` or limit every rank to the minimum,
-        or the ranks that run longer wait forever in the gradient all-reduce.
-        """
-        return [sum(math.ceil(w / batch_size) for w in self.windows_per_worker(num_workers, rank))
-                for rank in range(self.world_size)]
 
     # -- the stream of one slot ---------------------------------------------------------
 
-    def _units_of(self, slot: int, n_slots: int) -> list[_Unit]:
-        order = np.arange(len(self.units))
-        if self.config.training:
-            order = self._rng(_UNIT_ORDER).permutation(len(self.units))
-        return [self.units[i] for i in order[slot::n_slots]]
-
-    def _window_count(self, units: list[_Unit]) -> int:
+    def _item_count(self, units: list[_Unit]) -> int:
         lengths = np.concatenate([u.n_tokens for u in units] or [np.zeros(0, np.int64)]).astype(np.int64)
         if self.config.sep_sequences:
             return int(np.sum(-(-lengths // self.config.seq_len)))
         return math.ceil(int(lengths.sum()) / self.config.seq_len)
 
-    def _examples(self, units: list[_Unit], slot: int, skip: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    def _stream(self, units: list[_Unit], slot: int, skip: int) -> Iterator[tuple[torch.Tensor, ...]]:
         windows = self._windows(self._sequences(units))
         if self.config.training:
             windows = shuffle_buffer(windows, self.config.shuffle_windows, self._rng(_WINDOW_BUFFER, slot))
@@ -201,8 +221,6 @@ class TokenWindows(IterableDataset):
             window = augment(window, rng)
         return window
 
-    def _rng(self, stream: int, *keys: int) -> np.random.Generator:
-        return np.random.default_rng([self.config.seed, self.epoch, stream, *keys])
 
 
 def _read_units(paths: list[Path]) -> list[_Unit]:
