@@ -176,12 +176,29 @@ def load_midi(
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
-    events, ticks_per_beat, parsed_by = _read_events(_read_bytes(source), engine)
+    data = _read_bytes(source)
+    parsed_by = "mido"
+    if engine == "fast":
+        from aria_model import midi_fast  # on first use: it imports this module, and numba is slow to load
+
+        try:
+            return midi_fast.read_performance(data, metadata, max_notes)
+        except midi_fast.Unsupported:
+            parsed_by = "mido-fallback"
+        except MidiError as exc:
+            exc.parsed_by = "fast"
+            raise
+    try:
+        midi = _read_midi_file(data)
+    except MidiError as exc:
+        exc.parsed_by = parsed_by
+        raise
+    events = _extract_events(midi)
     n_parsed = len(events.note_start)
     try:
         if max_notes is not None and n_parsed > max_notes:
             raise MidiError("too_long", f"{n_parsed} notes exceed the limit of {max_notes}")
-        perf = _build_performance(events, ticks_per_beat, metadata or {})
+        perf = _build_performance(events, midi.ticks_per_beat, metadata or {})
     except MidiError as exc:
         exc.parsed_by = parsed_by
         raise
@@ -197,24 +214,6 @@ def _read_bytes(source: str | os.PathLike | bytes) -> bytes:
     if not data.startswith(b"MThd"):
         raise MidiError("not_midi", f"no MThd header (starts with {data[:8]!r})")
     return data
-
-
-def _read_events(data: bytes, engine: str) -> tuple[_TrackEvents, int, str]:
-    """(events, ticks per beat, which engine read them: "fast", "mido" or "mido-fallback")."""
-    parsed_by = "mido"
-    if engine == "fast":
-        from aria_model import midi_fast  # on first use: it imports this module, and numba is slow to load
-
-        try:
-            return (*midi_fast.read_events(data), "fast")
-        except midi_fast.Unsupported:
-            parsed_by = "mido-fallback"
-    try:
-        midi = _read_midi_file(data)
-    except MidiError as exc:
-        exc.parsed_by = parsed_by
-        raise
-    return _extract_events(midi), midi.ticks_per_beat, parsed_by
 
 
 def _read_midi_file(data: bytes) -> mido.MidiFile:
@@ -298,7 +297,7 @@ def _build_performance(ev: _TrackEvents, ticks_per_beat: int, metadata: dict[str
     removed = _ignored_channels(programs)
     keep_notes = ~np.isin(channel, removed)
     if not keep_notes.any():
-        raise MidiError("no_notes", _no_notes_message(len(starts), removed))
+        raise MidiError("no_notes", no_notes_message(len(starts), removed))
     start, end, pitch, velocity, channel = (a[keep_notes] for a in (start, end, pitch, velocity, channel))
     programs = programs[~np.isin(programs[:, 1], removed)]
     pedals = pedals[~np.isin(pedals[:, 1], removed)]
@@ -335,7 +334,7 @@ def _ignored_channels(programs: np.ndarray) -> np.ndarray:
     return np.unique(programs[ignored, 1])
 
 
-def _no_notes_message(n_parsed: int, removed: np.ndarray) -> str:
+def no_notes_message(n_parsed: int, removed: np.ndarray) -> str:
     if n_parsed == 0:
         return "file contains no notes"
     return (

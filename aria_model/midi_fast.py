@@ -1,20 +1,20 @@
-"""Compiled MIDI reader: the events ``load_midi`` needs, read straight from the bytes.
+"""Compiled MIDI reader: bytes -> the Performance ``load_midi`` builds with mido.
 
 mido builds a Python object per message, which is most of ``load_midi``'s time.
-This module reads the Standard MIDI File bytes in numba-compiled code and
-returns exactly what ``midi._extract_events(mido.MidiFile(...))`` returns, in
-the same order, for ``midi._build_performance`` to finish:
+This module reads the Standard MIDI File bytes in numba-compiled code into the
+rows ``midi._extract_events(mido.MidiFile(...))`` keeps, in the same order, and
+``midi_fast_notes.assemble`` turns them into the Performance arrays:
 
 1. ``_read_header``: MThd, as mido reads it (signed 16-bit fields; a negative
    track count reads no tracks; bytes past the header's 6 are skipped);
 2. ``_scan_track``: one MTrk chunk -> rows (tick, kind, channel, a, b) for the
    kinds load_midi keeps; every other message is parsed and skipped;
-3. ``_pair_notes``: Aria's note pairing, per track, on those rows.
+3. ``midi_fast_notes.assemble``: note pairing, sorting, channels, pedal.
 
 mido stays the parser of record. Whenever the bytes are anything mido could
 read differently from the plain case (a message running past its chunk's end,
 a data byte > 127, a system message, a meta event whose decoding raises in
-mido, SMPTE time division, ...) ``read_events`` raises ``Unsupported`` with the
+mido, SMPTE time division, ...) ``read_performance`` raises ``Unsupported`` with the
 reason and ``load_midi`` parses the file with mido instead, which also gives
 bad files their quarantine reason. mido's behaviours reproduced here:
 
@@ -31,8 +31,8 @@ bad files their quarantine reason. mido's behaviours reproduced here:
   it without one), so the track's clock does not advance over it;
 - text and copyright meta events are decoded as latin-1 (mido's charset).
 
-    from aria_model.midi_fast import read_events
-    events, ticks_per_beat = read_events(Path("x.mid").read_bytes())
+    from aria_model.midi_fast import read_performance
+    perf = read_performance(Path("x.mid").read_bytes())
 """
 
 from __future__ import annotations
@@ -42,16 +42,15 @@ from mido.midifiles.meta import _META_SPECS, MetaSpec_time_signature
 from mido.midifiles.midifiles import MAX_MESSAGE_LENGTH
 from numba import njit
 
-from aria_model.midi import PEDAL_CONTROL, _TrackEvents
+from aria_model import midi_fast_notes as notes
+from aria_model.midi import INSTRUMENTS, PEDAL_CONTROL, MidiError, Performance, no_notes_message
+from aria_model.midi_fast_notes import NOTE_OFF, NOTE_ON, PEDAL, PROGRAM, TEMPO, TEXT
 
-# Row kinds: the messages _extract_track keeps.
-NOTE_ON, NOTE_OFF, PEDAL, PROGRAM, TEMPO, TEXT = range(6)
 SKIPPED = -1  # a message that makes no row
 # Meta types whose decoding in mido can raise on odd data (or that we keep).
 SEQUENCE_NUMBER, TEXT_META, COPYRIGHT_META, CHANNEL_PREFIX = 0x00, 0x01, 0x02, 0x20
 SET_TEMPO, SMPTE_OFFSET, TIME_SIGNATURE, KEY_SIGNATURE = 0x51, 0x54, 0x58, 0x59
 MAX_VLQ_BYTES = 4  # the most the MIDI spec allows; mido reads longer ones, we hand those over
-KEYS_PER_TRACK = 128 * 16  # (pitch, channel) pairs
 
 # Scan results: OK, or why the file goes to mido.
 OK = 0
@@ -92,31 +91,40 @@ class Unsupported(Exception):
     """The fast reader cannot prove it reads this file as mido does; ``str(exc)`` says why."""
 
 
-def read_events(data: bytes) -> tuple[_TrackEvents, int]:
-    """(events as ``midi._extract_events`` gives them, ticks per beat); raises ``Unsupported``."""
+def read_performance(data: bytes, metadata: dict | None = None, max_notes: int | None = None) -> Performance:
+    """The Performance ``midi.load_midi`` builds with mido; raises ``Unsupported`` or ``MidiError``."""
     status, ticks_per_beat, tick, kind, channel, a, b, track_ends = _scan_file(
         np.frombuffer(data, np.uint8), META_TYPE_KNOWN, DENOMINATOR_EXPONENT_OK
     )
     if status != OK:
         raise Unsupported(WHY_UNSUPPORTED[status])
-    notes = _pair_notes(tick, kind, channel, a, b, track_ends)
-    return _track_events(data, notes, tick, kind, channel, a, b), ticks_per_beat
-
-
-def _track_events(data: bytes, notes, tick, kind, channel, a, b) -> _TrackEvents:
-    """Rows -> the lists ``_build_performance`` takes (vectorised: no Python per message)."""
-    start, end, pitch, velocity, note_channel = (column.tolist() for column in notes)
-    tempo, pedal, program, text = (kind == TEMPO), (kind == PEDAL), (kind == PROGRAM), (kind == TEXT)
-    return _TrackEvents(
-        note_start=start,
-        note_end=end,
-        note_pitch=pitch,
-        note_velocity=velocity,
-        note_channel=note_channel,
-        tempos=list(zip(tick[tempo].tolist(), a[tempo].tolist())),
-        pedals=list(zip(tick[pedal].tolist(), channel[pedal].tolist(), (b[pedal] >= 64).tolist())),
-        programs=list(zip(tick[program].tolist(), channel[program].tolist(), a[program].tolist())),
-        texts=[data[at : at + size].decode("latin-1") for at, size in zip(a[text].tolist(), b[text].tolist())],
+    (outcome, n_parsed, start, end, pitch, velocity, note_channel, instrument, tempo_tick, tempo_us,
+     pedal_tick, pedal_channel, pedal_down, declared, removed) = notes.assemble(
+        tick, kind, channel, a, b, track_ends, -1 if max_notes is None else max_notes
+    )
+    if outcome == notes.TOO_MANY_NOTES:
+        raise MidiError("too_long", f"{n_parsed} notes exceed the limit of {max_notes}")
+    if outcome == notes.NO_NOTES:
+        raise MidiError("no_notes", no_notes_message(n_parsed, np.flatnonzero(removed)))
+    text = np.flatnonzero(kind == notes.TEXT)
+    return Performance(
+        start_tick=start,
+        end_tick=end,
+        pitch=pitch,
+        velocity=velocity,
+        channel=note_channel,
+        instrument=instrument,
+        tempo_tick=tempo_tick,
+        tempo_us=tempo_us,
+        ticks_per_beat=int(ticks_per_beat),
+        instruments=tuple(INSTRUMENTS[i] for i in np.flatnonzero(declared)),
+        pedal_tick=pedal_tick,
+        pedal_channel=pedal_channel,
+        pedal_down=pedal_down,
+        texts=tuple(data[at : at + size].decode("latin-1") for at, size in zip(a[text].tolist(), b[text].tolist())),
+        metadata=dict(metadata or {}),
+        n_parsed_notes=n_parsed,
+        parsed_by="fast",
     )
 
 
@@ -337,75 +345,3 @@ def _mido_decodes_meta(data, pos, meta_type, length, denominator_ok):
     if meta_type == KEY_SIGNATURE:  # sharps/flats -7..7 (signed byte), major or minor
         return length >= 2 and (data[pos] <= 7 or data[pos] >= 249) and data[pos + 1] <= 1
     return True
-
-
-# -- compiled: Aria's note pairing -----------------------------------------------------------
-
-
-@njit(cache=True)
-def _pair_notes(tick, kind, channel, a, b, track_ends):
-    """Notes (start, end, pitch, velocity, channel) in the order ``midi._close_notes`` emits them.
-
-    Per track and per (pitch, channel) key, open note-ons form a queue in
-    arrival order (a linked list through ``next_open``); a note-off closes
-    every open note of its key that did not start on its tick.
-    """
-    n_on = 0
-    for k in kind:
-        n_on += k == NOTE_ON
-    start, end = np.empty(n_on, np.int64), np.empty(n_on, np.int64)
-    pitch, velocity, note_channel = np.empty(n_on, np.uint8), np.empty(n_on, np.uint8), np.empty(n_on, np.uint8)
-    first_open = np.empty(KEYS_PER_TRACK, np.int64)
-    last_open = np.empty(KEYS_PER_TRACK, np.int64)
-    next_open = np.empty(len(kind), np.int64)
-    n_notes = 0
-    track_start = 0
-    for track_end in track_ends:
-        first_open[:] = -1  # note-ons left open at a track's end are dropped
-        last_open[:] = -1
-        for row in range(track_start, track_end):
-            if kind[row] == NOTE_ON:
-                key = a[row] * 16 + channel[row]
-                next_open[row] = -1
-                if first_open[key] < 0:
-                    first_open[key] = row
-                else:
-                    next_open[last_open[key]] = row
-                last_open[key] = row
-            elif kind[row] == NOTE_OFF:
-                key = a[row] * 16 + channel[row]
-                if first_open[key] >= 0:
-                    n_notes = _close_notes(key, tick[row], tick, channel, a, b, first_open, last_open,
-                                           next_open, start, end, pitch, velocity, note_channel, n_notes)
-        track_start = track_end
-    return start[:n_notes], end[:n_notes], pitch[:n_notes], velocity[:n_notes], note_channel[:n_notes]
-
-
-@njit(cache=True)
-def _close_notes(key, now, tick, channel, a, b, first_open, last_open, next_open,
-                 start, end, pitch, velocity, note_channel, n_notes):
-    """Emit the key's open notes that started before ``now``; return the note count."""
-    row = first_open[key]
-    staying_first, staying_last = -1, -1
-    closed_any = False
-    while row >= 0:
-        following = next_open[row]
-        if tick[row] != now:
-            start[n_notes], end[n_notes], pitch[n_notes] = tick[row], now, a[row]
-            velocity[n_notes], note_channel[n_notes] = b[row], channel[row]
-            n_notes += 1
-            closed_any = True
-        else:
-            next_open[row] = -1
-            if staying_first < 0:
-                staying_first = row
-            else:
-                next_open[staying_last] = row
-            staying_last = row
-        row = following
-    # Aria keeps same-tick note-ons only when something else was closed with them.
-    if closed_any:
-        first_open[key], last_open[key] = staying_first, staying_last
-    else:
-        first_open[key], last_open[key] = -1, -1
-    return n_notes

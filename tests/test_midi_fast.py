@@ -172,7 +172,7 @@ def test_unknown_meta_event_stops_the_clock_as_in_mido():
 
 def test_unsupported_says_why():
     with pytest.raises(midi_fast.Unsupported, match="system common or real-time"):
-        midi_fast.read_events(MIDO_BEHAVIOURS["system real-time message"][0])
+        midi_fast.read_performance(MIDO_BEHAVIOURS["system real-time message"][0])
 
 
 def test_parse_report_counts_fallbacks(tmp_path):
@@ -311,7 +311,7 @@ def _fuzz(strategy, label: str) -> Counter:
             return
         assert odd, "a well-formed file went to mido"
         try:
-            midi_fast.read_events(data)
+            midi_fast.read_performance(data)
         except midi_fast.Unsupported as why:
             engines[f"fallback: {why}"] += 1
 
@@ -329,6 +329,35 @@ def test_fuzz_generated_files():
 def test_fuzz_mutated_real_files():
     engines = _fuzz(mutated_real_file().map(lambda data: (True, data)), "mutated real files")
     assert engines["fast"] > 0, engines
+
+
+@st.composite
+def dense_track(draw) -> bytes:
+    """A long well-formed track: chords (equal starts closed in shuffled order), overlapping
+    same-pitch notes, pedal on several channels, program changes, tempo changes."""
+    events = []
+    for _ in range(draw(st.integers(50, 400))):
+        what = draw(st.sampled_from(["on"] * 6 + ["off"] * 5 + ["pedal"] * 2 + ["program", "tempo"]))
+        delta = draw(st.sampled_from([0, 0, 0, 1, 30, 480, 20_000]))  # ties, and jumps past many pedal intervals
+        ch = draw(st.sampled_from([0, 0, 1, 9]))
+        pitch = draw(st.integers(58, 64))
+        if what == "on":
+            events.append(ev(delta, 0x90 | ch, pitch, draw(st.integers(1, 127))))
+        elif what == "off":
+            events.append(ev(delta, draw(st.sampled_from([0x80, 0x90])) | ch, pitch, 0))
+        elif what == "pedal":
+            events.append(ev(delta, 0xB0 | ch, 64, draw(st.sampled_from([0, 63, 64, 127]))))
+        elif what == "program":  # mostly kept families; 8-15 (chromatic) removes the channel
+            events.append(ev(delta, 0xC0 | ch, draw(st.sampled_from([0, 0, 24, 40, 9]))))
+        else:
+            events.append(ev(delta, 0xFF, 0x51, 3, *draw(st.sampled_from([b"\x07\xa1\x20", b"\x03\xd0\x90"]))))
+    return mtrk(*events)
+
+
+@settings(FUZZ_SETTINGS, max_examples=80)
+@given(tracks=st.lists(dense_track(), min_size=1, max_size=4))
+def test_fuzz_dense_multitrack_files(tracks):
+    assert assert_fast_equals_mido(smf(*tracks)) == "fast"
 
 
 def test_a_key_signature_mido_cannot_name_is_a_counted_corrupt_fallback():
