@@ -37,6 +37,8 @@ bad files their quarantine reason. mido's behaviours reproduced here:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from mido.midifiles.meta import _META_SPECS, MetaSpec_time_signature
 from mido.midifiles.midifiles import MAX_MESSAGE_LENGTH
@@ -93,20 +95,16 @@ class Unsupported(Exception):
 
 def read_performance(data: bytes, metadata: dict | None = None, max_notes: int | None = None) -> Performance:
     """The Performance ``midi.load_midi`` builds with mido; raises ``Unsupported`` or ``MidiError``."""
-    status, ticks_per_beat, tick, kind, channel, a, b, track_ends = _scan_file(
-        np.frombuffer(data, np.uint8), META_TYPE_KNOWN, DENOMINATOR_EXPONENT_OK
+    (status, ticks_per_beat, outcome, n_parsed, start, end, pitch, velocity, note_channel, instrument,
+     tempo_tick, tempo_us, pedal_tick, pedal_channel, pedal_down, declared, removed, text_at, text_size) = _read_file(
+        np.frombuffer(data, np.uint8), META_TYPE_KNOWN, DENOMINATOR_EXPONENT_OK, -1 if max_notes is None else max_notes
     )
     if status != OK:
         raise Unsupported(WHY_UNSUPPORTED[status])
-    (outcome, n_parsed, start, end, pitch, velocity, note_channel, instrument, tempo_tick, tempo_us,
-     pedal_tick, pedal_channel, pedal_down, declared, removed) = notes.assemble(
-        tick, kind, channel, a, b, track_ends, -1 if max_notes is None else max_notes
-    )
     if outcome == notes.TOO_MANY_NOTES:
         raise MidiError("too_long", f"{n_parsed} notes exceed the limit of {max_notes}")
     if outcome == notes.NO_NOTES:
         raise MidiError("no_notes", no_notes_message(n_parsed, np.flatnonzero(removed)))
-    text = np.flatnonzero(kind == notes.TEXT)
     return Performance(
         start_tick=start,
         end_tick=end,
@@ -116,16 +114,43 @@ def read_performance(data: bytes, metadata: dict | None = None, max_notes: int |
         instrument=instrument,
         tempo_tick=tempo_tick,
         tempo_us=tempo_us,
-        ticks_per_beat=int(ticks_per_beat),
-        instruments=tuple(INSTRUMENTS[i] for i in np.flatnonzero(declared)),
+        ticks_per_beat=ticks_per_beat,
+        instruments=_instrument_classes(declared),
         pedal_tick=pedal_tick,
         pedal_channel=pedal_channel,
         pedal_down=pedal_down,
-        texts=tuple(data[at : at + size].decode("latin-1") for at, size in zip(a[text].tolist(), b[text].tolist())),
-        metadata=dict(metadata or {}),
+        texts=tuple(data[at : at + size].decode("latin-1") for at, size in zip(text_at.tolist(), text_size.tolist()))
+        if len(text_at) else (),
+        metadata=dict(metadata) if metadata else {},
         n_parsed_notes=n_parsed,
         parsed_by="fast",
     )
+
+
+@functools.cache
+def _instrument_classes(declared: int) -> tuple[str, ...]:
+    """The instrument classes of a bit mask (bit i: ``INSTRUMENTS[i]``), in vocabulary order."""
+    return tuple(name for i, name in enumerate(INSTRUMENTS) if declared >> i & 1)
+
+
+@njit(cache=True)
+def _read_file(data, meta_known, denominator_ok, max_notes):
+    """One compiled call per file (each call's arguments and results cost microseconds to convert):
+    (scan status, ticks per beat, ``assemble``'s results with the declared instruments as a bit
+    mask, where the texts lie in ``data``)."""
+    status, ticks_per_beat, tick, kind, channel, a, b, track_ends = _scan_file(data, meta_known, denominator_ok)
+    if status != OK:  # nothing to assemble; the rows are incomplete
+        tick, kind, channel, a, b, track_ends = tick[:0], kind[:0], channel[:0], a[:0], b[:0], track_ends[:0]
+    (outcome, n_parsed, start, end, pitch, velocity, note_channel, instrument, tempo_tick, tempo_us,
+     pedal_tick, pedal_channel, pedal_down, declared, removed) = notes.assemble(
+        tick, kind, channel, a, b, track_ends, max_notes
+    )
+    declared_mask = 0
+    for i in range(len(declared)):
+        declared_mask |= np.int64(declared[i]) << i
+    text = np.nonzero(kind == notes.TEXT)[0]
+    return (status, ticks_per_beat, outcome, n_parsed, start, end, pitch, velocity, note_channel, instrument,
+            tempo_tick, tempo_us, pedal_tick, pedal_channel, pedal_down, declared_mask, removed, a[text], b[text])
 
 
 # -- compiled: header, tracks, messages --------------------------------------------------

@@ -18,7 +18,13 @@ import numpy as np
 from numba import njit
 
 from aria_model.midi import (
-    _FAMILY_TO_INSTRUMENT, DEFAULT_TEMPO_US, DRUM, DRUM_CHANNEL, IGNORED_FAMILIES, INSTRUMENTS, PROGRAM_FAMILIES,
+    _FAMILY_TO_INSTRUMENT,
+    DEFAULT_TEMPO_US,
+    DRUM,
+    DRUM_CHANNEL,
+    IGNORED_FAMILIES,
+    INSTRUMENTS,
+    PROGRAM_FAMILIES,
 )
 
 # Row kinds of the scan: the messages ``midi._extract_track`` keeps.
