@@ -58,8 +58,10 @@ generate_job = dg.define_asset_job(
     description="Continue held-out prompts with the latest pretrained model: MIDI, piano rolls, tempo drift.",
 )
 
+# A job's name must differ from every op name in the code location, or the location fails to load
+# (dagster dev, definitions validate): the ablation jobs are verbs, like the others, and their assets nouns.
 ablation_contrastive_epochs_job = dg.define_asset_job(
-    "ablation_contrastive_epochs",
+    "ablate_contrastive_epochs",
     selection=dg.AssetSelection.assets("ablation_contrastive_epochs"),
     tags=GPU_TAGS,
     description="Probe accuracy after 0 / 1 / ... contrastive epochs, from the pretrained model and from scratch: "
@@ -67,7 +69,7 @@ ablation_contrastive_epochs_job = dg.define_asset_job(
 )
 
 ablation_data_scale_job = dg.define_asset_job(
-    "ablation_data_scale",
+    "ablate_data_scale",
     selection=dg.AssetSelection.assets("ablation_data_scale"),
     tags=GPU_TAGS,
     description="Pretrain on 10 / 25 / 50 / 100 % of the train split's pieces (same steps), then contrastive + "
@@ -75,7 +77,7 @@ ablation_data_scale_job = dg.define_asset_job(
 )
 
 ablation_tokenizer_job = dg.define_asset_job(
-    "ablation_tokenizer",
+    "ablate_tokenizer",
     selection=dg.AssetSelection.assets("ablation_tokenizer"),
     tags=GPU_TAGS,
     description="Absolute vs relative tokenizer, same model, notes and steps: validation loss per note and tempo "

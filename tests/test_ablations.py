@@ -214,7 +214,7 @@ def test_each_sweep_is_a_gpu_tagged_job_of_its_own_asset():
     from pipelines.definitions import defs
     from pipelines.jobs import GPU_TAGS
 
-    for name in ("ablation_contrastive_epochs", "ablation_data_scale", "ablation_tokenizer"):
-        job = defs.resolve_job_def(name)
+    for sweep in ("contrastive_epochs", "data_scale", "tokenizer"):
+        job = defs.resolve_job_def(f"ablate_{sweep}")
         assert job.tags == GPU_TAGS
-        assert [key.to_user_string() for key in job.asset_layer.executable_asset_keys] == [name]
+        assert [key.to_user_string() for key in job.asset_layer.executable_asset_keys] == [f"ablation_{sweep}"]
