@@ -78,9 +78,8 @@ def test_ui_check_end_to_end(tmp_path):
     ingested file), else builds one with `aria demo` (minutes)."""
     try:
         ui_check.find_browser(None, None)
-    except ui_check.UiCheckError as exc:
+    except ui_check.UiCheckError as exc:  # no Chromium, driver or Selenium
         pytest.skip(str(exc))
-    pytest.importorskip("selenium", reason="pip install -e '.[ui-check]'")
     home = Path(os.environ.get("ARIA_UI_CHECK_HOME") or tmp_path / "home")
     if not (home / "mlflow.db").exists():
         subprocess.run([sys.executable, "-m", "pipelines.cli", "demo", "--home", str(home)], cwd=REPO_ROOT, check=True)
@@ -100,7 +99,8 @@ def test_ui_check_end_to_end(tmp_path):
             assert len(image.getcolors(maxcolors=1 << 16) or range(1 << 16)) > 8, f"{name} is blank"
     job_assets = {key.to_user_string() for key in defs.resolve_job_def("full").asset_layer.executable_asset_keys}
     graph_text = report["dagster_asset_graph"]["text"]
-    assert {name for name in job_assets if name in graph_text} == job_assets
+    # The graph cuts long names in the middle ("contrasti…_scratch").
+    assert [name for name in sorted(job_assets) if not ui_check.shown(name, graph_text)] == []
     assert "loss_curve" in report["dagster_asset_pretrained_model"]["text"]
     runs = report["mlflow_compare_pretrain"]["runs"]
     assert len({run["run_name"] for run in runs}) == 2
