@@ -420,6 +420,10 @@ class SplitDataModule(pl.LightningDataModule):
         rank, world_size = self._rank_and_world_size()
         self.train_data = self.split_dataset("train", rank, world_size)
         self.val_data = self.split_dataset("val", rank, world_size)
+        # Lightning would run empty epochs until max_steps, which never comes.
+        if not any(self.train_data.batches_per_rank(self.batch_size, self.num_workers)):
+            raise ValueError(f"the train split yields nothing to train on ({type(self.train_data).__name__} "
+                             "of 0 items): are the token shards empty, or did the quality filter drop every file?")
 
     def train_dataloader(self) -> ResumableLoader:
         return ResumableLoader(self.train_data, self.batch_size, self.num_workers,

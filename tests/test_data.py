@@ -1,6 +1,8 @@
 """The training data module over real token shards: coverage, Aria's windows, augmentation, determinism, resume."""
 
+import json
 import math
+import shutil
 
 import lightning.pytorch as pl
 import numpy as np
@@ -22,7 +24,7 @@ from aria_model.data import (
     redraw_prefix_and_dim,
 )
 from aria_model.midi import load_midi
-from aria_model.shards import ShardConfig, build_token_shards, shard_paths
+from aria_model.shards import MANIFEST_FILE, ShardConfig, build_token_shards, shard_paths
 from aria_model.tokenizer import AbsTokenizer
 from tests.conftest import GOLDEN_DIR
 from tests.test_shards import make_curated_home
@@ -238,6 +240,16 @@ class NextToken(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_datamodule_refuses_an_empty_train_split_instead_of_looping(root, tmp_path):
+    empty = tmp_path / "token_shards"
+    shutil.copytree(root.resolve(), empty)
+    manifest = json.loads((empty / MANIFEST_FILE).read_text())
+    manifest["splits"]["train"]["shards"] = []
+    (empty / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="train split yields nothing"):
+        AriaDataModule(empty, seq_len=256, batch_size=2, num_workers=1).setup()
 
 
 def test_datamodule_trains_validates_and_checkpoints_the_loader_position(root, tmp_path):
