@@ -298,7 +298,8 @@ class ContrastiveModule(pl.LightningModule):
         self.config = config
         self.total_steps = total_steps
         self.load_init = load_init
-        self.save_hyperparameters({"config": config.to_dict(), "total_steps": total_steps})
+        # In checkpoints only: the runner logs the config to MLflow once, as flat `section.field` params.
+        self.save_hyperparameters({"config": config.to_dict(), "total_steps": total_steps}, logger=False)
         self.net: TransformerEMB | None = None
         self.init_report: AriaLoadReport | None = None
         self.flops_per_batch = 0  # set with the network; ThroughputMonitor reads it for MFU

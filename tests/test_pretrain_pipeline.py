@@ -59,6 +59,7 @@ def test_pretrain_job_trains_through_pipes_and_records_lineage_in_mlflow(home, m
     parent = tracker.client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags[TAG_DAGSTER_RUN] == dagster_run_id == run.data.tags[TAG_DAGSTER_RUN]
     assert run.data.params["optim.lr"] == "0.003" and run.data.params["model.d_model"] == "128"
+    assert not [name for name in run.data.params if name.startswith("config/")]  # each param once
     assert [step for step, _ in tracker.metric_history(run.info.run_id, "train/loss")] == list(range(6))
     assert "val/loss" in run.data.metrics and run.data.tags[TAG_MANIFEST_HASH]
     assert "loss_curve.png" in [f.path for f in tracker.client.list_artifacts(run.info.run_id)]

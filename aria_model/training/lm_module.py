@@ -42,7 +42,8 @@ class PretrainModule(pl.LightningModule):
         super().__init__()
         self.config = config
         self.total_steps = total_steps
-        self.save_hyperparameters({"config": config.to_dict(), "total_steps": total_steps})
+        # In checkpoints only: the runner logs the config to MLflow once, as flat `section.field` params.
+        self.save_hyperparameters({"config": config.to_dict(), "total_steps": total_steps}, logger=False)
         self.net: TransformerLM | None = None
         self.seq_len = config.data.seq_len or config.model.max_seq_len
         self.flops_per_batch = 0  # set with the network; ThroughputMonitor reads it for MFU
