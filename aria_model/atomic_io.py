@@ -37,10 +37,11 @@ def remove_partial_files(folder: Path) -> int:
 class AtomicParquetWriter:
     """Stream row groups to a temp file; rename into place only if the block exits cleanly."""
 
-    def __init__(self, path: Path, schema: pa.Schema, compression: str = "zstd"):
+    def __init__(self, path: Path, schema: pa.Schema, compression: str = "zstd", **options):
+        """``options``: more ``pq.ParquetWriter`` keywords (encodings, dictionaries)."""
         self.path = Path(path)
         self.tmp = partial_path(self.path)
-        self.writer = pq.ParquetWriter(self.tmp, schema, compression=compression)
+        self.writer = pq.ParquetWriter(self.tmp, schema, compression=compression, **options)
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows:

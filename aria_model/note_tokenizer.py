@@ -201,7 +201,7 @@ class NoteTokenizer(ABC):
         body = self._body_ids(perf, remove_preceding_silence)
         if add_dim_tok and len(body) > self.config.dim_min_body:
             body = np.insert(body, self.dim_position(body, rng), DIM)
-        parts = [self._prefix_ids(perf, rng), np.array([BOS]), body]
+        parts = [self.prefix_ids(perf.instruments, perf.metadata, rng), np.array([BOS]), body]
         if add_eos_tok:
             parts.append(np.array([EOS]))
         return np.concatenate(parts).astype(np.uint16)
@@ -220,11 +220,14 @@ class NoteTokenizer(ABC):
                 tokens[pos] = ("drum", pitch)
         return tokens
 
-    def _prefix_ids(self, perf: Performance, rng: np.random.Generator | None) -> np.ndarray:
-        tokens = [("prefix", "instrument", i) for i in perf.instruments if i in self.instruments_wd]
+    def prefix_ids(self, instruments: tuple[str, ...], metadata: dict[str, Any],
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+        """The prefix of a performance with these instrument classes and metadata: in vocabulary
+        order, or shuffled by ``rng``."""
+        tokens = [("prefix", "instrument", i) for i in instruments if i in self.instruments_wd]
         c = self.config
         for kind, names in (("composer", c.composers), ("form", c.forms), ("genre", c.genres)):
-            value = perf.metadata.get(kind)
+            value = metadata.get(kind)
             if value and value in names:
                 tokens.append(("prefix", kind, value))
         ids = np.array(sorted(self.tok_to_id[t] for t in tokens), dtype=np.int64)

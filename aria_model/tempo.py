@@ -43,12 +43,19 @@ def elapsed_ms(
     if len(ticks) == 0:
         raise ValueError("tempo map is empty")
     if len(ticks) == 1:
-        span = end - np.asarray(start_tick, dtype=np.int64)
-        seconds = np.where(end > ticks[0], span * scale[0], 0.0)
-    elif np.ndim(start_tick) == 0:
+        return one_tempo_elapsed_ms(np.asarray(start_tick, dtype=np.int64), end, ticks[0], scale[0])
+    if np.ndim(start_tick) == 0:
         seconds = _seconds_from_shared_start(int(start_tick), end, ticks, scale)
     else:
         seconds = _seconds_from_own_starts(np.asarray(start_tick, dtype=np.int64), end, ticks, scale)
+    return np.rint(seconds * 1e3).astype(np.int64)
+
+
+def one_tempo_elapsed_ms(start_tick, end_tick, tempo_tick, scale) -> np.ndarray:
+    """``elapsed_ms`` for a tempo map of one entry (at ``tempo_tick``, ``scale`` seconds a tick: see
+    ``tempo_scales``), element by element: the tempo may differ per element, so the notes of many
+    files convert in one call. Ends at or before the tempo's tick map to 0 ms, as in Aria's walk."""
+    seconds = np.where(end_tick > tempo_tick, (end_tick - start_tick) * scale, 0.0)
     return np.rint(seconds * 1e3).astype(np.int64)
 
 

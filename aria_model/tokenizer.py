@@ -26,10 +26,16 @@ from typing import Callable
 
 import numpy as np
 
-from aria_model.midi import Performance
+from aria_model import abs_kernels
+from aria_model.midi import DRUM_CHANNEL, Performance
 from aria_model.note_tokenizer import (
+    BOS,
+    DIM,
+    DRUM_NOTES,
+    EOS,
     SPECIAL_TOKENS,
     TIME,
+    UNK,
     NoteTokenizer,
     NoteTokenizerConfig,
     VocabLayout,
@@ -72,26 +78,46 @@ class AbsTokenizer(NoteTokenizer):
         return grid_index_table(self.time_values, self.config.segment_ms)
 
     def _body_ids(self, perf: Performance, remove_preceding_silence: bool) -> np.ndarray:
-        c, lay = self.config, self.layout
-        onset = perf.onset_ms(remove_preceding_silence)
-        segment = onset // c.segment_ms
-        n_time = np.maximum(segment - np.concatenate(([0], segment[:-1])), 0)
-        is_drum, note_ids, dur_ids = self._note_ids(perf)
-        note_len = np.where(is_drum, 2 if c.include_drums else 0, 3)
-        ends = np.cumsum(n_time + note_len)
-        at = ends - note_len  # position of each note's first token
-        body = np.full(int(ends[-1]), TIME, dtype=np.int64)
-
-        onset_ids = lay.onset + self.onset_grid_index[onset % c.segment_ms]
-        written = ~is_drum | c.include_drums
-        body[at[written]] = note_ids[written]
-        body[at[written] + 1] = onset_ids[written]
-        played = ~is_drum
-        body[at[played] + 2] = dur_ids[played]
+        body, _ = self._bodies(perf.onset_ms(remove_preceding_silence), perf.duration_ms(), perf.pitch,
+                               perf.velocity, perf.instrument, perf.channel, np.array([0, perf.n_notes]))
         return body
 
+    def _bodies(self, onset, duration_ms, pitch, velocity, instrument, channel, offsets) -> tuple[np.ndarray, np.ndarray]:
+        """The bodies of several performances end to end, and their offsets. Performance i's notes are
+        ``[offsets[i], offsets[i + 1])`` of each array; its segments count from its own first onset."""
+        return abs_kernels.bodies(onset, duration_ms, pitch, velocity, instrument, channel,
+                                  np.asarray(offsets, np.int64), self.kernel_layout)
+
+    @cached_property
+    def kernel_layout(self) -> abs_kernels.Layout:
+        c, lay = self.config, self.layout
+        return abs_kernels.Layout(
+            segment_ms=c.segment_ms, include_drums=c.include_drums, drum_channel=DRUM_CHANNEL, time_id=TIME,
+            note=lay.note, n_velocities=len(self.velocities), velocity_index=self.velocity_grid_index,
+            drum=lay.drum, drum_first=DRUM_NOTES.start, drum_stop=DRUM_NOTES.stop, unk=UNK, dur=lay.dur,
+            duration_index=self.duration_grid_index, max_dur_ms=c.max_dur_ms, onset=lay.onset,
+            onset_index=self.onset_grid_index,
+        )
+
+    def tokenize_ids_many(self, onset_ms, duration_ms, pitch, velocity, instrument, channel, offsets,
+                          prefixes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``tokenize_ids(perf)`` (its defaults, no rng) of several performances at once: their ids
+        end to end (uint16) and offsets. Bulk tokenizing goes through here: one compiled pass over
+        the notes, where a call per file costs more in numpy's per-call overhead than in its notes.
+
+        Performance i's notes are ``[offsets[i], offsets[i + 1])`` of each array, ``onset_ms`` as
+        ``perf.onset_ms()`` (from its first note), ``duration_ms`` as ``perf.duration_ms()``, and its
+        prefix is ``prefixes[i]`` (``prefix_ids``). Every performance needs a note.
+        """
+        body, starts = self._bodies(onset_ms, duration_ms, pitch, velocity, instrument, channel, offsets)
+        prefix_offsets = np.concatenate(([0], np.cumsum([len(p) for p in prefixes]))).astype(np.int64)
+        prefix = np.concatenate(prefixes).astype(np.int64) if prefixes else np.zeros(0, np.int64)
+        c = self.config
+        return abs_kernels.assemble(body, starts, prefix, prefix_offsets, c.dim_min_body, c.dim_offset,
+                                    self.layout.dur, BOS, DIM, EOS)
+
     def _completes_note(self, token_id: int) -> bool:
-        return token_id >= self.layout.dur  # (dur) and (onset) follow their note
+        return token_id >= self.layout.dur  # (dur) and (onset) follow their note (abs_kernels.assemble too)
 
     def _read_body(self, ids: np.ndarray, body_start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Aria's windows: (note, onset, dur) or (drum, onset), onsets offset by the ``<T>`` before them."""
@@ -111,3 +137,4 @@ class AbsTokenizer(NoteTokenizer):
         from aria_model.augmentation import export_data_aug
 
         return export_data_aug(self)
+

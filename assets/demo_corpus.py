@@ -4,7 +4,7 @@
 import dagster as dg
 
 from aria_model.demo_corpus import DemoCorpusConfig, build_demo_corpus
-from assets.metadata import markdown_table, progress_logger
+from assets.metadata import markdown_table, peak_rss_metadata, progress_logger
 from pipelines.resources import AriaHome, MidiSource
 
 
@@ -37,7 +37,7 @@ def demo_corpus(
     if source.folders:
         named = ", ".join(str(folder) for folder in source.folders)
         context.log.info(f"source {named} is configured; the demo corpus is not needed")
-        return dg.MaterializeResult(metadata={"skipped_for_source": named})
+        return dg.MaterializeResult(metadata={"skipped_for_source": named, **peak_rss_metadata()})
     out_dir = home.asset_dir("demo_corpus")
     settings = demo_corpus_config(config)
     report = build_demo_corpus(out_dir, settings, progress=progress_logger(context, 50))
@@ -53,5 +53,6 @@ def demo_corpus(
             "per_collection": dg.MetadataValue.md(markdown_table(per_collection)),
             "failures": dg.MetadataValue.json(report.failures),
             "selection": dg.MetadataValue.json(settings.selection()),
+            **peak_rss_metadata(),
         }
     )

@@ -3,6 +3,7 @@
 
 import base64
 import io
+import resource
 from collections.abc import Callable
 
 import dagster as dg
@@ -33,3 +34,12 @@ def figure_markdown(figure, alt: str = "plot") -> dg.MetadataValue:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})")
+
+
+def peak_rss_metadata() -> dict[str, int]:
+    """Peak resident memory so far, in MB, of the step's process and of its largest finished child
+    (worker pools count once they are shut down). With one process per step (Dagster's default
+    executor) that is the asset's own peak; run in process, the run's peak up to this asset."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"peak_rss_mb": round(own / 1024), "peak_rss_children_mb": round(children / 1024)}

@@ -13,7 +13,7 @@ from aria_model.atomic_io import write_parquet_atomic
 from aria_model.dedup import BATCH_ROWS, REASONS, SIGNALS, DedupConfig, DedupStats, NoteParts, deduplicate
 from aria_model.notes_table import part_files
 from aria_model.sql import run_sql
-from assets.metadata import markdown_table
+from assets.metadata import markdown_table, peak_rss_metadata
 from assets.raw_midi_manifest import manifest_path, raw_midi_manifest
 from pipelines.resources import AriaHome
 
@@ -74,6 +74,7 @@ def opus_dedup(context: dg.AssetExecutionContext, config: OpusDedupConfig, home:
         "largest_clusters": dg.MetadataValue.md(markdown_table(_cluster_rows(stats))),
         **_timings(stats),
         "config": dg.MetadataValue.json(settings.as_dict()),
+        **peak_rss_metadata(),
     })
 
 

@@ -24,7 +24,7 @@ from aria_model.atomic_io import write_parquet_atomic
 from aria_model.notes_table import PARSER_VERSION, part_files
 from aria_model.quality import RULES, QualityConfig, evaluate_quality
 from aria_model.sql import SQL_DIR, run_sql
-from assets.metadata import markdown_table
+from assets.metadata import markdown_table, peak_rss_metadata
 from assets.raw_midi_manifest import manifest_path
 from pipelines.resources import AriaHome
 
@@ -38,6 +38,7 @@ class QualityFilterConfig(dg.Config):
     preset: str | None = None
     disabled_rules: list[str] = []  # rules to switch off on top of the preset
     rebuild: bool = False  # evaluate every file, even those the previous table holds under the same rules
+    workers: int | None = None  # processes evaluating batches of files, one DuckDB thread each; None: all cores
 
 
 class PassRateBounds(dg.Config):
@@ -72,10 +73,10 @@ def quality_filter(
     parts = part_files(home.asset_dir("midi_notes"))
     started = time.perf_counter()
     reused, mode = (None, "full: rebuild requested") if config.rebuild else previous_rows(path, digest, file_ids)
-    evaluated = _evaluate_missing(parts, rules, file_ids, reused)
+    evaluated = _evaluate_missing(parts, rules, file_ids, reused, config.workers)
     if reused is not None and evaluated is not None and not _same_columns(reused, evaluated):
         reused, mode = None, "full: the previous table has other columns"
-        evaluated = _evaluate_missing(parts, rules, file_ids, None)
+        evaluated = _evaluate_missing(parts, rules, file_ids, None, config.workers)
     seconds = time.perf_counter() - started
     table = pa.concat_tables([t for t in (reused, evaluated) if t is not None]).sort_by("file_id")
     table = table.combine_chunks().replace_schema_metadata({RULES_HASH_KEY: digest.encode()})
@@ -100,6 +101,7 @@ def quality_filter(
         "notes_per_s": round(notes / seconds) if seconds else 0,  # of the evaluated files
         "files_per_s": round(n_evaluated / seconds, 1) if seconds else 0.0,
         "path": dg.MetadataValue.path(str(path)),
+        **peak_rss_metadata(),
     })
 
 
@@ -128,13 +130,13 @@ def previous_rows(path: Path, digest: str, file_ids: list[str]) -> tuple[pa.Tabl
 
 
 def _evaluate_missing(parts: list[Path], rules: QualityConfig, file_ids: list[str],
-                      reused: pa.Table | None) -> pa.Table | None:
+                      reused: pa.Table | None, workers: int | None) -> pa.Table | None:
     """Evaluate the files without a reused row, reading only the parts that hold them (None: nothing to do)."""
     if reused is None:
-        return evaluate_quality(parts, rules, file_ids=file_ids)
+        return evaluate_quality(parts, rules, file_ids=file_ids, workers=workers)
     missing = set(file_ids) - set(reused["file_id"].to_pylist())
     holding = _parts_holding(parts, missing) if missing else []
-    return evaluate_quality(holding, rules, file_ids=sorted(missing)) if holding else None
+    return evaluate_quality(holding, rules, file_ids=sorted(missing), workers=workers) if holding else None
 
 
 def _parts_holding(parts: list[Path], file_ids: set[str]) -> list[Path]:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 from aria_model.atomic_io import write_parquet_atomic
 from aria_model.sources import build_manifest_for_sources
 from assets.demo_corpus import demo_corpus
-from assets.metadata import markdown_table
+from assets.metadata import markdown_table, peak_rss_metadata
 from pipelines.resources import AriaHome, MidiSource
 
 MANIFEST_FILE = "manifest.parquet"
@@ -45,6 +45,7 @@ def raw_midi_manifest(context: dg.AssetExecutionContext, home: AriaHome, source:
             "unique_contents": len(set(result.table["file_id"].to_pylist())),
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in stats.as_dict().items()},
             "by_collection_or_composer": dg.MetadataValue.md(markdown_table(_label_counts(result.table))),
+            **peak_rss_metadata(),
         }
     )
 

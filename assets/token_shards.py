@@ -17,7 +17,7 @@ from aria_model.shards import (
     checksum_mismatches,
     clusters_in_several_splits,
 )
-from assets.metadata import markdown_table
+from assets.metadata import markdown_table, peak_rss_metadata
 from assets.raw_midi_manifest import manifest_path
 from pipelines.resources import AriaHome
 
@@ -109,6 +109,7 @@ def token_shards(context: dg.AssetExecutionContext, config: TokenShardsConfig, h
             "tokenized_tokens_per_s": round(build["tokens"]["tokenized"] / report.seconds) if report.seconds else 0,
             "path": dg.MetadataValue.path(str(shards_root(home))),
             "manifest": dg.MetadataValue.path(str(shards_root(home) / MANIFEST_FILE)),
+            **peak_rss_metadata(),
         }
     )
 

@@ -69,12 +69,8 @@ from aria_model.notes_table import NOTES_SCHEMA, PARSER_VERSION, part_files, upd
 from aria_model.quality import QualityConfig, evaluate_quality  # noqa: E402
 from aria_model.shards import SPLITS, ShardConfig, ShardInputs, build_token_shards  # noqa: E402
 from aria_model.sources import MANIFEST_SCHEMA, build_manifest  # noqa: E402
-from bench.common import run_in_scratch  # noqa: E402
+from bench.common import ARIA_MIDI_FILES, ARIA_MIDI_NOTES, run_in_scratch  # noqa: E402
 
-
-# Aria-MIDI "full" (reference/aria.md §10): the corpus the dedup goal is about.
-ARIA_MIDI_FILES = 1_186_253
-ARIA_MIDI_NOTES = 2.0e9  # ~1,700 notes a file
 DEDUP_GOAL_S = 600.0  # 1.2M files in under 10 minutes
 QUALITY_GOAL_NOTES_PER_S = 10e6
 QUALITY_NOTE_LISTS = ("onset_ms", "duration", "pitch", "velocity", "channel")  # what the quality rules read per note
@@ -83,7 +79,7 @@ TRAINER_TOKENS_PER_S: float | None = None  # what the trainer consumes; None unt
 
 TICKS_PER_BEAT, TEMPO_US = 500, 500_000  # 1 tick = 1 ms (Aria's decoding timebase)
 ROWS_PER_GROUP = 64  # parse_to_parquet's batch: one row group per parsed batch
-FILES_PER_PART = 4096  # update_notes_tables writes one part per call; a big corpus has several
+FILES_PER_PART = 4096  # a big corpus has several parts, as update_notes_tables writes it
 NOTE_LISTS = ("onset_ms", "duration", "pitch", "velocity", "instrument", "channel",
               "start_tick", "end_tick", "tempo_tick", "tempo_us")
 

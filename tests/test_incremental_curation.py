@@ -45,14 +45,14 @@ CONFIG = ShardConfig(shard_tokens=6_000, row_group_tokens=1_500, split_fractions
 def counting_tokenizer():
     """The file ids handed to the tokenizer (workers=1 tokenizes in this process)."""
     calls: list[str] = []
-    original = shards._tokenize_row_group
+    original = shards._tokenize_row_groups
 
-    def tokenize(part, group, wanted):
+    def tokenize(part, groups, wanted):
         calls.extend(wanted)
-        return original(part, group, wanted)
+        return original(part, groups, wanted)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(shards, "_tokenize_row_group", tokenize)
+        patch.setattr(shards, "_tokenize_row_groups", tokenize)
         yield calls
 
 
@@ -292,13 +292,13 @@ def test_a_file_the_tokenizer_rejected_is_not_retried_until_a_rebuild(grown, tmp
     shutil.rmtree(home.home / ".token_shards")
     os.unlink(home.home / "token_shards")
     victim = sorted(grown.full.selected)[0]
-    original = shards._tokenize_row_group
+    original = shards._tokenize_row_groups
 
-    def reject_victim(part, group, wanted):
-        ids, failures = original(part, group, {f: m for f, m in wanted.items() if f != victim})
+    def reject_victim(part, groups, wanted):
+        ids, failures = original(part, groups, {f: m for f, m in wanted.items() if f != victim})
         return ids, failures + [{"file_id": victim, "error": "ValueError: test"}] * (victim in wanted)
 
-    monkeypatch.setattr(shards, "_tokenize_row_group", reject_victim)
+    monkeypatch.setattr(shards, "_tokenize_row_groups", reject_victim)
     build(home)
     monkeypatch.undo()
     failed = [{"file_id": victim, "error": "ValueError: test",

@@ -395,6 +395,15 @@ def test_only_the_asked_files_in_batches(tmp_path):
         assert row == pytest.approx(alone)
 
 
+def test_the_same_rows_bit_for_bit_whatever_the_workers_and_batches(tmp_path):
+    """One DuckDB thread per batch: entropies summed in one order, so reruns and any batching agree
+    exactly (DuckDB's threads reorder the sums and change the last bit from run to run)."""
+    part = write_part(tmp_path / "part.parquet", [random_piece(seed, n=400) for seed in range(12)])
+    alone = evaluate_quality([part], workers=1)
+    assert evaluate_quality([part], workers=1).equals(alone)
+    assert evaluate_quality([part], workers=2, batch_files=5).equals(alone)
+
+
 # -- the real asset ----------------------------------------------------------------------------
 
 def test_quality_filter_asset_on_real_files(tmp_path, mixed_source):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -321,3 +322,90 @@ def test_token_shards_asset_materializes_with_checks(curated, tmp_path):
     assert metadata["files_dropped"] == 1 and metadata["shards_rewritten"] + metadata["shards_removed"] == 1
     assert metadata["shards_reused"] == metadata["shards"] - metadata["shards_rewritten"]
     assert metadata["dagster/row_count"] == len(curated.selected) - 1
+
+
+# -- the bulk tokenizer: every row group at once, fed from the note columns ----------------------
+
+
+def _random_performance(rng, n_notes: int):
+    """Notes with every case the tokenizer branches on: drums, tempo maps of one or several entries
+    (the first one after tick 0, too), silence before the first note, segments crossed, long notes."""
+    from aria_model.midi import DRUM, DRUM_CHANNEL, INSTRUMENTS, Performance
+
+    ticks_per_beat = int(rng.choice([96, 480, 500, 960]))
+    start = np.sort(rng.integers(0, 40 * ticks_per_beat * max(1, n_notes // 20), n_notes))
+    start += int(rng.integers(0, 4 * ticks_per_beat))
+    channel = np.where(rng.random(n_notes) < 0.1, DRUM_CHANNEL, rng.integers(0, 4, n_notes)).astype(np.uint8)
+    instrument = np.where(channel == DRUM_CHANNEL, DRUM, rng.integers(0, DRUM, n_notes)).astype(np.uint8)
+    n_tempos = int(rng.choice([1, 1, 2, 5]))
+    tempo_tick = np.sort(rng.integers(0, int(start.max()) + 2, n_tempos))
+    if rng.random() < 0.5:
+        tempo_tick[0] = 0
+    return Performance(
+        start_tick=start.astype(np.int64),
+        end_tick=(start + rng.integers(0, 12 * ticks_per_beat, n_notes)).astype(np.int64),
+        pitch=rng.integers(0, 128, n_notes).astype(np.uint8),
+        velocity=rng.integers(1, 128, n_notes).astype(np.uint8),
+        channel=channel,
+        instrument=instrument,
+        tempo_tick=tempo_tick.astype(np.int64),
+        tempo_us=rng.integers(200_000, 1_500_000, n_tempos).astype(np.int64),
+        ticks_per_beat=ticks_per_beat,
+        instruments=tuple(sorted({INSTRUMENTS[i] for i in instrument.tolist()})),
+        n_parsed_notes=n_notes,
+    )
+
+
+def _notes_table(performances) -> pa.Table:
+    from aria_model.notes_table import notes_table, performance_row
+
+    return notes_table([performance_row(f"{i:04d}", perf) for i, perf in enumerate(performances)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bulk_tokenizing_gives_the_per_row_ids(seed):
+    """``_tokenize_together`` (one tokenize_ids_many call per row group) against the per-row path
+    (``tokenize_ids(performance_from_row(row))``), on random files of 1 to 3,000 notes with prefixes."""
+    rng = np.random.default_rng(seed)
+    lengths = [1, 2, 40, 149, 151, *rng.integers(1, 3000, 35).tolist()]  # around <D>'s minimum body
+    notes = _notes_table(_random_performance(rng, n) for n in lengths)
+    metadata = [{}, {"composer": "chopin"}, {"composer": "bach", "form": "fugue", "genre": "classical"},
+                {"composer": "nobody"}]
+    wanted = {fid: metadata[i % len(metadata)] for i, fid in enumerate(notes["file_id"].to_pylist())}
+    together = shards._tokenize_together(notes, wanted)
+    rows, failures = shards._tokenize_rows(notes, wanted)
+    assert not failures
+    assert together.equals(rows)
+
+
+def test_row_groups_of_real_files_tokenize_alike_both_ways(tmp_path):
+    """Every golden file the parser takes, one midi_notes part: both paths, row group by row group."""
+    from tests.conftest import GOLDEN_MIDI
+
+    files = [(hashlib.sha256(p.read_bytes()).hexdigest(), str(p)) for p in GOLDEN_MIDI]
+    update_notes_tables(files, tmp_path / "notes", tmp_path / "quarantine", workers=1)
+    (part,) = list((tmp_path / "notes").glob("*.parquet"))
+    parquet = pq.ParquetFile(part)
+    columns = [*shards.NOTE_SCALAR_COLUMNS, *shards.NOTE_LIST_COLUMNS]
+    compared = 0
+    for group in range(parquet.num_row_groups):
+        notes = parquet.read_row_group(group, columns=columns)
+        wanted = {fid: {"composer": "debussy"} for fid in notes["file_id"].to_pylist()}
+        rows, failures = shards._tokenize_rows(notes, wanted)
+        assert not failures and shards._tokenize_together(notes, wanted).equals(rows)
+        compared += notes.num_rows
+    assert compared >= 20
+
+
+def test_a_row_the_tokenizer_rejects_is_named_and_the_others_still_tokenized(tmp_path):
+    rng = np.random.default_rng(0)
+    notes = _notes_table([_random_performance(rng, 30), _random_performance(rng, 30)])
+    broken = notes["tempo_tick"].to_pylist()
+    broken[1] = []  # no tempo map: the tokenizer cannot place the notes in time
+    notes = notes.set_column(notes.schema.get_field_index("tempo_tick"), "tempo_tick",
+                             pa.array(broken, notes.schema.field("tempo_tick").type))
+    wanted = {fid: {} for fid in notes["file_id"].to_pylist()}
+    path = tmp_path / "notes.parquet"
+    pq.write_table(notes, path)
+    ids, failures = shards._tokenize_row_groups(path, [0], wanted)
+    assert ids["file_id"].to_pylist() == ["0000"] and [f["file_id"] for f in failures] == ["0001"]
