@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mido
 import pytest
+import torch
 
 from tests.midi_builders import midi_bytes, notes_file
 
@@ -63,3 +64,13 @@ def tiny_demo_corpus(tmp_path_factory) -> Path:
 def demo_corpus_dir(tmp_path_factory) -> Path:
     """The default demo corpus the README's main command uses (slow to build: minutes)."""
     return _built_demo_corpus(tmp_path_factory, "demo")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module of tiny training steps: on shared CI cores, OpenMP's
+    spinning threads make them tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

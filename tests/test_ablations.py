@@ -37,13 +37,7 @@ SHARDS = ShardConfig(shard_tokens=8_000, row_group_tokens=500, split_fractions=(
 MICRO = ModelConfig(d_model=32, n_heads=2, n_layers=1, ffn_hidden=64, max_seq_len=128, emb_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on shared cores OpenMP's spinning threads make micro steps far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny training steps throughout
 
 
 @pytest.fixture(scope="module")

@@ -64,13 +64,7 @@ def save_model_pt(model, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on shared CI cores, OpenMP's spinning threads make tiny steps ~40x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny training steps throughout
 
 
 @pytest.fixture(scope="module")
