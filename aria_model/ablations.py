@@ -65,14 +65,23 @@ from torch.utils.data import DataLoader
 from aria_model.atomic_io import write_bytes_atomic, write_json_atomic, write_parquet_atomic
 from aria_model.contrastive import SCRATCH
 from aria_model.data import TokenWindows, WindowConfig
-from aria_model.embedding import PROBE_SEQ_LEN, embed_performances, load_model, notes_performances, read_weights
+from aria_model.embedding import embed_performances, load_model, read_weights
 from aria_model.generation import GenerationConfig, prompt_performance, sample_batch, tempo_drift
 from aria_model.model import TransformerLM
 from aria_model.note_tokenizer import NoteTokenizer
-from aria_model.probe import ProbeConfig, probe_task
+from aria_model.probe import probe_task
+from aria_model.probe_config import PROBE_SEQ_LEN, PROBE_TASKS, ProbeConfig
 from aria_model.probe_data import ProbeDataset
 from aria_model.rel_tokenizer import RelTokenizer
-from aria_model.shards import MANIFEST_FILE, SHARD_SCHEMA, SPLITS, read_manifest, set_id, shard_paths
+from aria_model.shards import (
+    MANIFEST_FILE,
+    SHARD_SCHEMA,
+    SPLITS,
+    notes_performances,
+    read_manifest,
+    set_id,
+    shard_paths,
+)
 from aria_model.sources import sha256_file
 from aria_model.tokenizer import AbsTokenizer
 from aria_model.tracking import Tracker
@@ -91,7 +100,7 @@ SCALE_SALT = "data_scale"  # keeps the subset draw independent of the split draw
 class ProbeSettings:
     """How each variant is probed: ``probe_eval``'s protocol (Aria's probe, 1024-token chunks)."""
 
-    tasks: tuple[str, ...] = ("style", "tune_type")  # those the probe dataset has are probed
+    tasks: tuple[str, ...] = PROBE_TASKS  # those the probe dataset has are probed
     seq_len: int = PROBE_SEQ_LEN  # capped at the model's context
     batch_size: int = 32  # chunks per forward pass
     epochs: int = ProbeConfig.epochs

@@ -45,13 +45,10 @@ import torch
 from aria_model.atomic_io import write_parquet_atomic
 from aria_model.midi import Performance, load_midi
 from aria_model.model import ModelConfig, TransformerEMB, TransformerLM, load_aria_state_dict
-from aria_model.notes_table import part_files, performance_from_row
-from aria_model.shards import NOTE_LIST_COLUMNS, NOTE_SCALAR_COLUMNS, _note_rows
 from aria_model.tokenizer import AbsTokenizer
 
 NOTES_PER_CHUNK = 300  # Aria's chunk length for embeddings and probes
 EMBEDDING_SEQ_LEN = 2048  # Aria's MAX_EMBEDDING_SEQ_LEN, also the contrastive training length
-PROBE_SEQ_LEN = 1024  # the linear probes' chunk length (aria/eval/linear_probe.py)
 POOLINGS = ("eos", "mean")
 Network = TransformerEMB | TransformerLM
 SORT_WINDOW = 16  # batches' worth of chunks sorted by length together: less padding, bounded memory
@@ -209,25 +206,6 @@ def embed_with_lm_mean_pool(model: Network, perf: Performance, seq_len: int = EM
     For many files use ``embed_files``/``embed_performances`` with ``pooling="mean"``.
     """
     return embed_performance(model, perf, seq_len, notes_per_chunk, "mean", batch_size)
-
-
-def notes_performances(notes_dir: str | Path, file_ids: Iterable[str] | None = None) -> Iterator[tuple[str, Performance]]:
-    """``(file_id, Performance)`` of the ``midi_notes`` rows (all, or those in ``file_ids``), in table order.
-
-    The corpus is embedded from the notes table rather than re-parsing its MIDI files.
-    """
-    wanted = set(file_ids) if file_ids is not None else None
-    for part in part_files(Path(notes_dir)):
-        parquet = pq.ParquetFile(part)
-        for group in range(parquet.num_row_groups):
-            if wanted is not None:
-                ids = parquet.read_row_group(group, columns=["file_id"])["file_id"].to_pylist()
-                if not wanted.intersection(ids):
-                    continue
-            table = parquet.read_row_group(group, columns=[*NOTE_SCALAR_COLUMNS, *NOTE_LIST_COLUMNS])
-            for row in _note_rows(table):
-                if wanted is None or row["file_id"] in wanted:
-                    yield row["file_id"], performance_from_row(row)
 
 
 class _Embedder:

@@ -34,7 +34,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,31 +44,13 @@ from torch import nn
 
 from aria_model.atomic_io import write_bytes_atomic, write_parquet_atomic
 from aria_model.home import default_home
+from aria_model.probe_config import ProbeConfig
 from aria_model.probe_data import TEST, TRAIN, ProbeDataset
 from aria_model.training.optim import lr_factor
 
 RESULTS_DIR = "probe_eval"
 RESULTS_FILE = "results.parquet"
 RESULT_COLUMNS = ("task", "method", "accuracy", "macro_f1", "n_train", "n_test")
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """Aria's probe settings (aria/eval/linear_probe.py and evaluate_embeddings.sh)."""
-
-    lr: float = 3e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-5
-    warmup_steps: int = 100
-    final_lr_fraction: float = 0.1
-    batch_size: int = 8
-    epochs: int = 50
-    seed: int = 42
-    standardize: bool = False  # Aria: raw embeddings; see the module docstring
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 HANDCRAFTED_PROBE = ProbeConfig(standardize=True)

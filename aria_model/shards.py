@@ -88,6 +88,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aria_model.atomic_io import write_json_atomic
+from aria_model.midi import Performance
 from aria_model.notes_table import (
     PARSER_VERSION,
     list_values,
@@ -554,6 +555,25 @@ def _tokenize_rows(notes: pa.Table, wanted: dict[str, dict]) -> tuple[pa.Table, 
         except Exception as exc:  # one bad file must not stop the corpus; its reason goes to the manifest
             failures.append({"file_id": row["file_id"], "error": f"{type(exc).__name__}: {exc}"})
     return _ids_table(file_ids, ids), failures
+
+
+def notes_performances(notes_dir: str | Path, file_ids: Iterable[str] | None = None) -> Iterator[tuple[str, Performance]]:
+    """``(file_id, Performance)`` of the ``midi_notes`` rows (all, or those in ``file_ids``), in table order.
+
+    The corpus is embedded from the notes table rather than re-parsing its MIDI files.
+    """
+    wanted = set(file_ids) if file_ids is not None else None
+    for part in part_files(Path(notes_dir)):
+        parquet = pq.ParquetFile(part)
+        for group in range(parquet.num_row_groups):
+            if wanted is not None:
+                ids = parquet.read_row_group(group, columns=["file_id"])["file_id"].to_pylist()
+                if not wanted.intersection(ids):
+                    continue
+            table = parquet.read_row_group(group, columns=[*NOTE_SCALAR_COLUMNS, *NOTE_LIST_COLUMNS])
+            for row in _note_rows(table):
+                if wanted is None or row["file_id"] in wanted:
+                    yield row["file_id"], performance_from_row(row)
 
 
 def _note_rows(notes: pa.Table) -> Iterator[dict]:

@@ -14,21 +14,12 @@ PNG, shown here as metadata. The defaults are the CPU demo scale: a few steps pe
 """
 
 
-import dagster as dg
-import torch
+from typing import TYPE_CHECKING
 
-from aria_model.ablations import (
-    ProbeSettings,
-    SweepResult,
-    SweepTracking,
-    contrastive_epochs_sweep,
-    data_scale_sweep,
-    tokenizer_sweep,
-)
-from aria_model.generation import GenerationConfig
+import dagster as dg
+
+from aria_model.probe_config import PROBE_TASKS, ProbeConfig
 from aria_model.probe_data import read_probe_dataset
-from aria_model.training.config import PretrainConfig
-from aria_model.training.contrastive import ContrastiveConfig
 from assets.contrastive_model import latest_metadata
 from assets.metadata import figure_markdown, markdown_table
 from assets.pretrained_model import ASSET_NAME as PRETRAINED_MODEL
@@ -37,14 +28,21 @@ from assets.probe_dataset import probe_path
 from assets.token_shards import shards_root
 from pipelines.resources import AriaHome, MlflowTracking
 
+# torch, Lightning and the training code load in the step that trains, not in every step process
+# that loads the code location (ingest steps, the UI)
+if TYPE_CHECKING:
+    from aria_model.ablations import ProbeSettings, SweepResult, SweepTracking
+    from aria_model.training.config import PretrainConfig
+    from aria_model.training.contrastive import ContrastiveConfig
+
 # The demo scale: each variant trains for seconds to a minute on a CPU.
 TINY_PRETRAIN = ["train.max_steps=40", "train.val_every=20", "train.checkpoint_every=40", "optim.warmup_steps=5"]
 TINY_CONTRASTIVE = ["train.max_steps=15", "train.val_every=15", "train.checkpoint_every=15"]
 
 
 class ProbeSweepConfig(dg.Config):
-    probe_tasks: list[str] = list(ProbeSettings.tasks)
-    probe_epochs: int = ProbeSettings.epochs  # Aria's 50
+    probe_tasks: list[str] = list(PROBE_TASKS)
+    probe_epochs: int = ProbeConfig.epochs  # Aria's 50
     device: str | None = None  # None: cuda when available, else cpu
 
 
@@ -73,27 +71,37 @@ class TokenizerAblationConfig(dg.Config):
     prompt_seconds: float = 10.0
 
 
-def _probe(config: ProbeSweepConfig) -> ProbeSettings:
+def _probe(config: ProbeSweepConfig) -> "ProbeSettings":
+    import torch
+
+    from aria_model.ablations import ProbeSettings
+
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return ProbeSettings(tasks=tuple(config.probe_tasks), epochs=config.probe_epochs, device=device)
 
 
-def _tracking(mlflow: MlflowTracking, run_id: str) -> SweepTracking:
+def _tracking(mlflow: MlflowTracking, run_id: str) -> "SweepTracking":
+    from aria_model.ablations import SweepTracking
+
     return SweepTracking(tracking_uri=mlflow.tracker().tracking_uri, experiment=mlflow.experiment, parent_run_id=run_id)
 
 
-def _pretrain_config(home: AriaHome, preset: str, overrides: list[str]) -> PretrainConfig:
+def _pretrain_config(home: AriaHome, preset: str, overrides: list[str]) -> "PretrainConfig":
+    from aria_model.training.config import PretrainConfig
+
     config = PretrainConfig.preset(preset).with_overrides(overrides)
     return PretrainConfig.from_dict({"data": {"shards": str(shards_root(home).resolve())}}, base=config)
 
 
-def _contrastive_config(home: AriaHome, preset: str, overrides: list[str]) -> ContrastiveConfig:
+def _contrastive_config(home: AriaHome, preset: str, overrides: list[str]) -> "ContrastiveConfig":
+    from aria_model.training.contrastive import ContrastiveConfig
+
     config = ContrastiveConfig.preset(preset).with_overrides(overrides)
     return ContrastiveConfig.from_dict({"data": {"shards": str(shards_root(home).resolve()),
                                                  "notes": str(home.root / "midi_notes")}}, base=config)
 
 
-def _metadata(result: SweepResult, mlflow: MlflowTracking, run_id: str) -> dict:
+def _metadata(result: "SweepResult", mlflow: MlflowTracking, run_id: str) -> dict:
     rows = [{key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
             for row in result.table.to_pylist()]
     return {
@@ -116,6 +124,8 @@ def _metadata(result: SweepResult, mlflow: MlflowTracking, run_id: str) -> dict:
 def ablation_contrastive_epochs(context: dg.AssetExecutionContext, config: ContrastiveEpochsConfig, home: AriaHome,
                                 mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Probe accuracy per contrastive epoch count, from the pretrained LM and from scratch."""
+    from aria_model.ablations import contrastive_epochs_sweep
+
     weights = latest_metadata(context, PRETRAINED_MODEL).get("weights")
     if not weights:
         raise dg.Failure(f"{PRETRAINED_MODEL} reported no weights: rematerialize it")
@@ -136,6 +146,8 @@ def ablation_contrastive_epochs(context: dg.AssetExecutionContext, config: Contr
 def ablation_data_scale(context: dg.AssetExecutionContext, config: DataScaleConfig, home: AriaHome,
                         mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Pretraining on nested fractions of the train split; validation loss and probe accuracy per fraction."""
+    from aria_model.ablations import data_scale_sweep
+
     with mlflow.asset_run(context) as run_id:
         result = data_scale_sweep(home.root, _pretrain_config(home, config.pretrain_preset, config.pretrain_overrides),
                                   _contrastive_config(home, config.contrastive_preset, config.contrastive_overrides),
@@ -153,6 +165,9 @@ def ablation_data_scale(context: dg.AssetExecutionContext, config: DataScaleConf
 def ablation_tokenizer(context: dg.AssetExecutionContext, config: TokenizerAblationConfig, home: AriaHome,
                        mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Absolute vs relative tokenizer: validation loss per note and tempo drift of continuations."""
+    from aria_model.ablations import tokenizer_sweep
+    from aria_model.generation import GenerationConfig
+
     generation = GenerationConfig(variations=config.variations, length=config.length,
                                   prompt_seconds=config.prompt_seconds)
     with mlflow.asset_run(context) as run_id:

@@ -23,10 +23,7 @@ from typing import Any
 
 import dagster as dg
 
-from aria_model.contrastive import SCRATCH
 from aria_model.tracking import TAG_INIT_RUN, plot_curves
-from aria_model.training.callbacks import read_step_log
-from aria_model.training.contrastive import ContrastiveConfig
 from assets.metadata import figure_markdown
 from assets.pretrained_model import ASSET_NAME as PRETRAINED_MODEL
 from assets.token_shards import shards_root
@@ -77,6 +74,10 @@ def latest_metadata(context: dg.AssetExecutionContext, asset_name: str) -> dict[
 
 
 def _check_config(config: ContrastiveRunConfig) -> None:
+    # torch and Lightning load in the steps that need them, not in every process that loads the
+    # code location (ingest steps, the UI)
+    from aria_model.training.contrastive import ContrastiveConfig
+
     ContrastiveConfig.preset(config.preset)  # fail here, with the valid names, before launching anything
     fixed = [o for o in config.overrides if o.partition("=")[0].strip() in ASSET_SETTINGS]
     if fixed:
@@ -88,6 +89,9 @@ def _train(context: dg.AssetExecutionContext, config: ContrastiveRunConfig, home
            pipes_client: dg.PipesSubprocessClient, init: str, lineage: dict[str, str]) -> dg.MaterializeResult:
     """Launch the entry point under this step's MLflow run, tagged with ``lineage`` first (so the
     registered model version carries it too); metrics, loss curve and lineage as metadata."""
+    from aria_model.contrastive import SCRATCH
+    from aria_model.training.callbacks import read_step_log
+
     _check_config(config)
     scratch = init == SCRATCH
     with mlflow.asset_run(context) as run_id:
@@ -138,4 +142,6 @@ def contrastive_scratch(context: dg.AssetExecutionContext, config: ContrastiveRu
                         mlflow: MlflowTracking, pipes_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """The same contrastive training from random weights: the paper's baseline without pretraining.
     Give it the same preset and overrides as contrastive_model (probe_eval checks the steps)."""
+    from aria_model.contrastive import SCRATCH
+
     return _train(context, config, home, mlflow, pipes_client, SCRATCH, {})

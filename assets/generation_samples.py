@@ -18,9 +18,7 @@ from pathlib import Path
 
 import dagster as dg
 import pyarrow.parquet as pq
-import torch
 
-from aria_model.generation import GenerationConfig, find_weights, generate, load_generator, write_samples
 from aria_model.midi import MidiError, load_midi
 from aria_model.piano_roll import piano_roll
 from aria_model.shards import MANIFEST_FILE, shard_paths
@@ -55,6 +53,8 @@ class GenerationSamplesConfig(dg.Config):
 def weights_path(context: dg.AssetExecutionContext, config: GenerationSamplesConfig, home: AriaHome) -> Path:
     """The model.pt to load: the config's path, else the one pretrained_model last reported
     (its ``weights`` metadata), else ``run_name``'s (the newest run's without one)."""
+    from aria_model.generation import find_weights
+
     if config.model_path:
         return Path(config.model_path)
     if config.run_name is None:
@@ -97,6 +97,12 @@ def generation_samples(context: dg.AssetExecutionContext, config: GenerationSamp
                        mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Continue held-out prompts with the latest pretrained model: MIDI + piano rolls, decoding
     speed and tempo drift."""
+    # torch loads in this step only, not in every process that loads the code location (ingest
+    # steps, the UI)
+    import torch
+
+    from aria_model.generation import GenerationConfig, generate, load_generator, write_samples
+
     weights = weights_path(context, config, home)
     prompts = prompt_files(config, home)
     if not prompts:

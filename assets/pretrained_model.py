@@ -15,8 +15,6 @@ import sys
 import dagster as dg
 
 from aria_model.tracking import plot_curves
-from aria_model.training.callbacks import read_step_log
-from aria_model.training.config import PretrainConfig
 from assets.metadata import figure_markdown
 from assets.token_shards import shards_root
 from pipelines.resources import AriaHome, MlflowTracking
@@ -55,6 +53,11 @@ def pretrained_model(context: dg.AssetExecutionContext, config: PretrainRunConfi
                      mlflow: MlflowTracking, pipes_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """Pretrain (or resume pretraining) on the current token shards; metrics, loss curve and the
     registered model version as metadata."""
+    # torch and Lightning load in the steps that need them, not in every process that loads the
+    # code location (ingest steps, the UI)
+    from aria_model.training.callbacks import read_step_log
+    from aria_model.training.config import PretrainConfig
+
     PretrainConfig.preset(config.preset)  # fail here, with the valid names, before launching anything
     with mlflow.asset_run(context) as run_id:
         command = pretrain_command(config, home, run_id)

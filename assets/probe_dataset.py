@@ -19,7 +19,6 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.compute as pc
 
-from aria_model.embedding import notes_performances
 from aria_model.midi import Performance, load_midi
 from aria_model.probe_data import (
     DEMO_TASKS,
@@ -36,6 +35,7 @@ from aria_model.probe_data import (
     read_probe_dataset,
     write_probe_dataset,
 )
+from aria_model.shards import notes_performances
 from aria_model.sources import DEMO_METADATA_FILE
 from assets.metadata import markdown_table
 from assets.opus_dedup import dedup_path

@@ -28,35 +28,16 @@ inputs writes the same table (the ``seconds`` column aside).
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from aria_model.atomic_io import write_parquet_atomic
-from aria_model.embedding import (
-    PROBE_SEQ_LEN,
-    Embeddings,
-    embed_performances,
-    load_embedding_model,
-    load_model,
-    write_embeddings_parquet,
-)
 from aria_model.features import feature_columns, handcrafted_features
-from aria_model.probe import (
-    HANDCRAFTED_PROBE,
-    RESULT_COLUMNS,
-    ProbeConfig,
-    ProbeResult,
-    confusion_figure,
-    majority_task,
-    per_class_table,
-    plot_confusion,
-    probe_task,
-    write_results,
-)
+from aria_model.probe_config import PROBE_SEQ_LEN, ProbeConfig
 from aria_model.probe_data import ProbeDataset, read_probe_dataset
 from assets.contrastive_model import ASSET_NAME as CONTRASTIVE_MODEL
 from assets.contrastive_model import SCRATCH_ASSET_NAME as CONTRASTIVE_SCRATCH
@@ -66,6 +47,11 @@ from assets.pretrained_model import ASSET_NAME as PRETRAINED_MODEL
 from assets.probe_dataset import ASSET_NAME as PROBE_DATASET
 from assets.probe_dataset import DEMO_LABELS, probe_path, probe_performances
 from pipelines.resources import AriaHome, MlflowTracking
+
+# torch and the models load in this step only, not in every process that loads the code location
+# (ingest steps, the UI): the functions below import what they run
+if TYPE_CHECKING:
+    from aria_model.probe import ProbeResult
 
 ASSET_NAME = "probe_eval"
 # method -> (the asset whose weights embed, pooling): Aria's EOS embedding or the LM's mean pool
@@ -100,6 +86,8 @@ def probe_eval(context: dg.AssetExecutionContext, config: ProbeEvalConfig, home:
                mlflow: MlflowTracking) -> dg.MaterializeResult:
     """Linear probes of every method on every task; the results table, per-class metrics and the
     best method's confusion matrix per task as metadata and in MLflow."""
+    from aria_model.probe import confusion_figure, per_class_table, write_results
+
     dataset = read_probe_dataset(probe_path(home))
     labels = latest_metadata(context, PROBE_DATASET).get("labels")
     models = {method: _model_lineage(context, asset) for method, (asset, _) in EMBEDDERS.items()}
@@ -156,6 +144,16 @@ def _features(context: dg.AssetExecutionContext, config: ProbeEvalConfig, home: 
               models: dict[str, dict], out: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict]]:
     """{method: {file_id: vector}} for every method with features, each also written as Parquet;
     and per method, how it was embedded and how long it took."""
+    import torch
+
+    from aria_model.embedding import (
+        Embeddings,
+        embed_performances,
+        load_embedding_model,
+        load_model,
+        write_embeddings_parquet,
+    )
+
     paths = dict(zip(dataset.table["file_id"].to_pylist(), dataset.table["path"].to_pylist()))
     notes_dir = home.root / "midi_notes"
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -190,8 +188,10 @@ def _features(context: dg.AssetExecutionContext, config: ProbeEvalConfig, home: 
 
 
 def _probes(config: ProbeEvalConfig, dataset: ProbeDataset, features: dict[str, dict[str, np.ndarray]],
-            columns: np.ndarray) -> list[ProbeResult]:
+            columns: np.ndarray) -> list["ProbeResult"]:
     """Every method on every task, in ``METHODS`` order within a task."""
+    from aria_model.probe import HANDCRAFTED_PROBE, majority_task, probe_task
+
     aria = ProbeConfig(epochs=config.epochs, seed=config.seed)
     handcrafted = replace(HANDCRAFTED_PROBE, epochs=config.epochs, seed=config.seed)
     results = []
@@ -203,9 +203,9 @@ def _probes(config: ProbeEvalConfig, dataset: ProbeDataset, features: dict[str, 
     return results
 
 
-def _best_per_task(results: list[ProbeResult]) -> dict[str, ProbeResult]:
+def _best_per_task(results: list["ProbeResult"]) -> dict[str, "ProbeResult"]:
     """Highest macro-F1 per task (then accuracy; ties go to the earlier method in ``METHODS``)."""
-    best: dict[str, ProbeResult] = {}
+    best: dict[str, "ProbeResult"] = {}
     for result in results:
         current = best.get(result.task)
         if current is None or (result.macro_f1, result.accuracy) > (current.macro_f1, current.accuracy):
@@ -213,17 +213,21 @@ def _best_per_task(results: list[ProbeResult]) -> dict[str, ProbeResult]:
     return best
 
 
-def _write_confusions(results: list[ProbeResult], folder: Path) -> Path:
+def _write_confusions(results: list["ProbeResult"], folder: Path) -> Path:
     """One PNG per (task, method); PNGs of an earlier run's other tasks are removed."""
+    from aria_model.probe import plot_confusion
+
     written = {plot_confusion(result, folder / f"{result.task}__{result.method}.png") for result in results}
     for stale in set(folder.glob("*.png")) - written:
         stale.unlink()
     return folder
 
 
-def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, results: list[ProbeResult], results_path: Path,
+def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, results: list["ProbeResult"], results_path: Path,
                    per_class_path: Path, confusion_dir: Path, models: dict[str, dict], dataset: ProbeDataset) -> None:
     """Metrics per (task, method), the lineage as params, the tables and the PNGs as artifacts."""
+    from aria_model.probe import RESULT_COLUMNS
+
     tracker = mlflow.tracker()
     summary: dict[str, float | str] = {}
     for result in results:
@@ -243,12 +247,12 @@ def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, results: list[ProbeResul
     client.log_artifacts(run_id, str(confusion_dir), "confusion")
 
 
-def _result_rows(results: list[ProbeResult]) -> list[dict]:
+def _result_rows(results: list["ProbeResult"]) -> list[dict]:
     return [{"task": r.task, "method": r.method, "accuracy": round(r.accuracy, 3), "macro_f1": round(r.macro_f1, 3),
              "n_train": r.n_train, "n_test": r.n_test} for r in results]
 
 
-def _per_class_rows(results: list[ProbeResult]) -> list[dict]:
+def _per_class_rows(results: list["ProbeResult"]) -> list[dict]:
     return [{"task": r.task, "method": r.method, "class": row["class"], "support": row["support"],
              "precision": round(row["precision"], 3), "recall": round(row["recall"], 3), "f1": round(row["f1"], 3)}
             for r in results for row in r.per_class]
