@@ -1,6 +1,10 @@
 """The code location loads as `dagster dev` and `dagster definitions validate` load it: every job, asset,
 check, schedule and sensor at once (a test that resolves one job at a time misses name clashes)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import dagster as dg
 
 from pipelines.definitions import defs
@@ -8,3 +12,13 @@ from pipelines.definitions import defs
 
 def test_code_location_loads_whole():
     dg.Definitions.validate_loadable(defs)
+
+
+def test_code_location_loads_without_torch():
+    """Every step process and the UI load the code location: the ingest steps must not pay for
+    torch and Lightning (seconds per process), only the steps that train or embed."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, pipelines.definitions; print(sorted({'torch', 'lightning'} & set(sys.modules)))"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert loaded.stdout.strip() == "[]"
