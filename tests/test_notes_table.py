@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 
+from aria_model import notes_table
 from aria_model.midi import load_midi
 from aria_model.notes_table import part_files, performance_from_row, update_notes_tables
 from aria_model.tokenizer import AbsTokenizer
@@ -63,3 +64,21 @@ def test_same_input_writes_identical_bytes_whatever_the_workers(mixed_source, tm
     update_notes_tables(files, tmp_path / "b", tmp_path / "qb", workers=2)
     (a,), (b,) = part_files(tmp_path / "a"), part_files(tmp_path / "b")
     assert a.name == b.name and a.read_bytes() == b.read_bytes()
+
+
+def test_workers_writing_whole_parts_write_the_same_bytes(mixed_source, tmp_path, monkeypatch):
+    files = _files(mixed_source)
+    monkeypatch.setattr(notes_table, "PART_FILES", 2)  # parts enough for each of 2 workers to write its own
+    seen = []
+    here = update_notes_tables(files, tmp_path / "a", tmp_path / "qa", workers=1)
+    by_workers = update_notes_tables(files, tmp_path / "b", tmp_path / "qb", workers=2,
+                                     progress=lambda done, total: seen.append((done, total)))
+    parts = part_files(tmp_path / "a")
+    assert len(parts) >= notes_table.PARTS_PER_WORKER * 2
+    assert [p.name for p in part_files(tmp_path / "b")] == [p.name for p in parts]
+    for folder_a, folder_b in (("a", "b"), ("qa", "qb")):
+        for a, b in zip(part_files(tmp_path / folder_a), part_files(tmp_path / folder_b)):
+            assert a.read_bytes() == b.read_bytes()
+    assert (by_workers.parsed, by_workers.quarantined, by_workers.notes, by_workers.reasons) == \
+        (here.parsed, here.quarantined, here.notes, here.reasons)
+    assert seen[-1] == (len(files), len(files)) and len(seen) == len(parts)
