@@ -23,7 +23,7 @@ from typing import Any
 
 import dagster as dg
 
-from aria_model.tracking import TAG_INIT_RUN, plot_curves
+from aria_model.tracking_names import TAG_INIT_RUN
 from assets.metadata import figure_markdown
 from assets.pretrained_model import ASSET_NAME as PRETRAINED_MODEL
 from assets.token_shards import shards_root
@@ -74,7 +74,7 @@ def latest_metadata(context: dg.AssetExecutionContext, asset_name: str) -> dict[
 
 
 def _check_config(config: ContrastiveRunConfig) -> None:
-    # torch and Lightning load in the steps that need them, not in every process that loads the
+    # torch, Lightning and mlflow load in the steps that need them, not in every process that loads the
     # code location (ingest steps, the UI)
     from aria_model.training.contrastive import ContrastiveConfig
 
@@ -90,6 +90,7 @@ def _train(context: dg.AssetExecutionContext, config: ContrastiveRunConfig, home
     """Launch the entry point under this step's MLflow run, tagged with ``lineage`` first (so the
     registered model version carries it too); metrics, loss curve and lineage as metadata."""
     from aria_model.contrastive import SCRATCH
+    from aria_model.tracking import plot_curves
     from aria_model.training.callbacks import read_step_log
 
     _check_config(config)

@@ -14,7 +14,6 @@ import sys
 
 import dagster as dg
 
-from aria_model.tracking import plot_curves
 from assets.metadata import figure_markdown
 from assets.token_shards import shards_root
 from pipelines.resources import AriaHome, MlflowTracking
@@ -53,8 +52,9 @@ def pretrained_model(context: dg.AssetExecutionContext, config: PretrainRunConfi
                      mlflow: MlflowTracking, pipes_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """Pretrain (or resume pretraining) on the current token shards; metrics, loss curve and the
     registered model version as metadata."""
-    # torch and Lightning load in the steps that need them, not in every process that loads the
-    # code location (ingest steps, the UI)
+    # torch, Lightning and mlflow load in the steps that need them, not in every process that loads
+    # the code location (ingest steps, the UI)
+    from aria_model.tracking import plot_curves
     from aria_model.training.callbacks import read_step_log
     from aria_model.training.config import PretrainConfig
 

@@ -4,13 +4,13 @@
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 
 from aria_model.home import default_home
 from aria_model.sources import resolve_sources
-from aria_model.tracking import (
+from aria_model.tracking_names import (
     DEFAULT_EXPERIMENT,
     PARENT_RUN_ENV,
     TAG_ASSET,
@@ -18,9 +18,11 @@ from aria_model.tracking import (
     TAG_DAGSTER_JOB,
     TAG_PARTITION,
     TRACKING_URI_ENV,
-    Tracker,
-    run_url,
 )
+
+# mlflow loads in the steps that log to it, not in every process that loads the code location
+if TYPE_CHECKING:
+    from aria_model.tracking import Tracker
 
 
 class AriaHome(dg.ConfigurableResource):
@@ -75,7 +77,9 @@ class MlflowTracking(dg.ConfigurableResource):
     ui_url: str | None = None  # e.g. http://localhost:5000 (`mlflow ui`): asset metadata links to the run
     artifact_root: str | None = None  # None: beside a sqlite DB, or the server's; needed for other databases
 
-    def tracker(self) -> Tracker:
+    def tracker(self) -> "Tracker":
+        from aria_model.tracking import Tracker
+
         return Tracker(self.tracking_uri, home=default_home(), artifact_root=self.artifact_root)
 
     @contextmanager
@@ -110,6 +114,8 @@ class MlflowTracking(dg.ConfigurableResource):
         """Asset metadata pointing at the MLflow run: its id, and a link when ``ui_url`` is set."""
         metadata: dict[str, Any] = {"mlflow_run_id": run_id}
         if self.ui_url:
+            from aria_model.tracking import run_url
+
             experiment_id = self.tracker().client.get_run(run_id).info.experiment_id
             metadata["mlflow_run"] = dg.MetadataValue.url(run_url(self.ui_url, experiment_id, run_id))
         return metadata

@@ -13,7 +13,8 @@ import pytest
 
 from aria_model.probe import RESULT_COLUMNS
 from aria_model.probe_data import clusters_in_several_splits, read_probe_dataset
-from aria_model.tracking import TAG_INIT_RUN, Tracker
+from aria_model.tracking import Tracker
+from aria_model.tracking_names import TAG_INIT_RUN
 from assets.probe_eval import METHODS
 from pipelines.cli import demo_run_config, print_probe_results
 from pipelines.definitions import ASSET_CHECKS, ASSETS, defs

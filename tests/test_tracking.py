@@ -18,6 +18,13 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from aria_model.atomic_io import write_json_atomic
 from aria_model.shards import MANIFEST_FILE, set_id
 from aria_model.tracking import (
+    Tracker,
+    flatten_params,
+    git_state,
+    run_url,
+    sqlite_uri,
+)
+from aria_model.tracking_names import (
     ARTIFACTS_DIR,
     TAG_ASSET,
     TAG_DAGSTER_RUN,
@@ -28,11 +35,6 @@ from aria_model.tracking import (
     TAG_SOURCE_RUN,
     TAG_TOKENIZER_HASH,
     TRACKING_URI_ENV,
-    Tracker,
-    flatten_params,
-    git_state,
-    run_url,
-    sqlite_uri,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

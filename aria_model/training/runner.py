@@ -41,7 +41,8 @@ from aria_model.atomic_io import write_json_atomic
 from aria_model.data import SplitDataModule
 from aria_model.home import default_home
 from aria_model.model import Block
-from aria_model.tracking import PARENT_RUN_ENV, Tracker
+from aria_model.tracking import Tracker
+from aria_model.tracking_names import PARENT_RUN_ENV
 from aria_model.training.callbacks import StepLog
 from aria_model.training.config import RunConfig, TrainConfig
 
