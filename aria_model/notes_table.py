@@ -46,6 +46,7 @@ PART_FILES = 8192
 # Parts per worker from which workers write whole parts (see parse_into_parts): with fewer, the last
 # parts would leave workers idle for longer than writing them here costs.
 PARTS_PER_WORKER = 2
+Part = tuple[list[tuple[str, str]], Path, Path]  # (file_id, path) pairs, notes part, quarantine part
 
 NOTES_SCHEMA = pa.schema([
     ("file_id", pa.string()),
@@ -106,6 +107,15 @@ class ParseReport:
     seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
     fallbacks: int = 0  # files the fast reader handed to mido (parsed or quarantined)
+
+    def add(self, other: ParseReport) -> None:
+        """Count ``other``'s parsed files in too (not its ``files`` or ``seconds``)."""
+        self.parsed += other.parsed
+        self.quarantined += other.quarantined
+        self.notes += other.notes
+        self.fallbacks += other.fallbacks
+        for reason, count in other.reasons.items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + count
 
 
 def performance_row(file_id: str, perf: Performance) -> dict:
@@ -279,7 +289,7 @@ def parse_to_parquet(
 
 
 def parse_into_parts(
-    parts: list[tuple[list[tuple[str, str]], Path, Path]],
+    parts: list[Part],
     limits: ParseLimits = ParseLimits(),
     workers: int | None = None,
     batch_size: int = 64,
@@ -302,13 +312,8 @@ def parse_into_parts(
     return report
 
 
-def _parse_parts_here(
-    parts: list[tuple[list[tuple[str, str]], Path, Path]],
-    limits: ParseLimits,
-    workers: int,
-    batch_size: int,
-    progress: Callable[[int, int], None] | None,
-) -> ParseReport:
+def _parse_parts_here(parts: list[Part], limits: ParseLimits, workers: int, batch_size: int,
+                      progress: Callable[[int, int], None] | None) -> ParseReport:
     """Parts written by this process, one after the other, from batches parsed in ``workers``
     processes (one pool for all parts: none waits for the next part to begin)."""
     report = ParseReport(files=sum(len(files) for files, _, _ in parts))
@@ -329,28 +334,17 @@ def _parse_parts_here(
     return report
 
 
-def _parse_part(part: tuple[list[tuple[str, str]], Path, Path], limits: ParseLimits, batch_size: int) -> ParseReport:
+def _parse_part(part: Part, limits: ParseLimits, batch_size: int) -> ParseReport:
     return _parse_parts_here([part], limits, 1, batch_size, None)
 
 
-def _parse_parts_in_workers(
-    parts: list[tuple[list[tuple[str, str]], Path, Path]],
-    limits: ParseLimits,
-    workers: int,
-    batch_size: int,
-    progress: Callable[[int, int], None] | None,
-) -> ParseReport:
+def _parse_parts_in_workers(parts: list[Part], limits: ParseLimits, workers: int, batch_size: int,
+                            progress: Callable[[int, int], None] | None) -> ParseReport:
     """Each part parsed and written by one worker; progress as parts finish."""
     report = ParseReport(files=sum(len(files) for files, _, _ in parts))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for done in as_completed([pool.submit(_parse_part, part, limits, batch_size) for part in parts]):
-            part_report = done.result()
-            report.parsed += part_report.parsed
-            report.quarantined += part_report.quarantined
-            report.fallbacks += part_report.fallbacks
-            report.notes += part_report.notes
-            for reason, count in part_report.reasons.items():
-                report.reasons[reason] = report.reasons.get(reason, 0) + count
+            report.add(done.result())
             if progress:
                 progress(report.parsed + report.quarantined, report.files)
     return report
