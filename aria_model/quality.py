@@ -1,4 +1,5 @@
-"""Aria's quality filters over the ``midi_notes`` table, as DuckDB queries in ``sql/quality_*.sql``.
+"""Aria's quality filters over the ``midi_notes`` table: DuckDB queries (``sql/quality_*.sql``) and
+compiled kernels that give the same numbers.
 
 Aria (``ariautils/midi.py``, the ``test_*`` functions) rejects a MIDI file when one of its
 heuristics fails: note density in sliding windows, pitch and timing entropy, unique pitches,
@@ -17,27 +18,34 @@ no program numbers; ``n_instruments`` counts the declared instrument classes but
 runs from the first onset (Aria's Dec-2024 ``min_length``; its later ``length`` starts at tick 0).
 Windows and chunks use exact integer milliseconds where Aria adds floats of seconds.
 
-Each batch of files is staged as two Arrow tables (``quality_stage_files``: one row of note lists
-per file; ``quality_stage_notes``: one row of onsets per file and pitch) that the other queries
-read; the window tests walk each list once with DuckDB's ``list_reduce``, every window length in
-one query.
+Two engines give the same table, bit for bit. ``engine="compiled"`` (the default) reads the parts
+with pyarrow and computes every metric in numba kernels (``quality_compiled``, ``quality_kernels``;
+the entropies replay DuckDB's summation order through ``duckdb_entropy``). ``engine="duckdb"`` runs
+the queries, the reference whose comments define each rule: each batch of files is staged as two
+Arrow tables (``quality_stage_files``: one row of note lists per file; ``quality_stage_notes``: one
+row of onsets per file and pitch) that the other queries read; the window tests walk each list
+once with DuckDB's ``list_reduce``, every window length in one query. tests/test_quality.py holds
+the engines to each other on the demo corpus, the golden files and drawn note lists.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from itertools import repeat
-from typing import Iterable, Iterator
+from functools import partial
+from itertools import pairwise, repeat
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from aria_model.midi import DRUM, DRUM_CHANNEL, INSTRUMENTS
+from aria_model.quality_compiled import load_kernel, rule_table
 from aria_model.sql import run_sql
 
 NOTE_LENGTH_CAP_MS = 5000  # Aria's timing entropy caps note lengths at 5 s
@@ -127,6 +135,8 @@ class QualityConfig:
         seconds = [w.seconds for w in (*self.density_windows, *self.pitch_windows)]
         if not all(isinstance(s, int) and s >= 1 for s in seconds):
             raise ValueError(f"window lengths are whole seconds >= 1 (Aria's windows step by 1 s), got {seconds}")
+        if not self.repetitive_min_length_min > 0:  # a piece spanning no time has no chunks: 0 / 0
+            raise ValueError(f"repetitive_min_length_min must be above 0, got {self.repetitive_min_length_min}")
 
     @classmethod
     def preset(cls, name: str) -> QualityConfig:
@@ -158,34 +168,48 @@ def evaluate_quality(
     batch_files: int = DEFAULT_BATCH_FILES,
     con: duckdb.DuckDBPyConnection | None = None,
     workers: int | None = None,
+    engine: str = "compiled",
 ) -> pa.Table:
     """One row per file of the midi_notes parts (or of ``file_ids`` among them), in file_id order.
 
     Columns: file_id, passed, failed_rules (enabled rules that failed, in RULES order), then the
-    metrics. Files are staged at most ``batch_files`` at a time as Arrow tables. Given ``con``,
-    the batches run there one after another, on its threads. Otherwise they run in ``workers``
-    processes (None: all cores), each with a single-threaded in-memory DuckDB: several DuckDB
-    threads sum an entropy's terms in an order that varies from run to run (its last bit with
-    it), one thread per batch gives the same rows on every run and for any batching, and the
-    processes keep both cores busier than DuckDB's two threads do (~15 % faster measured).
+    metrics. ``engine``: "compiled" (numba kernels; ~4.5x DuckDB's speed in bench/curation.py) or
+    "duckdb" (the ``sql/quality_*.sql`` queries, the reference); both give the same table, bit for bit.
+    Files go at most ``batch_files`` at a time (DuckDB stages them as Arrow tables). Given
+    ``con``, the batches run in this process one after another (DuckDB's on ``con``'s threads).
+    Otherwise they run in ``workers`` processes (None: all cores), DuckDB's each with a
+    single-threaded in-memory DuckDB: several DuckDB threads sum an entropy's terms in an order
+    that varies from run to run (its last bit with it), one thread per batch gives the same rows
+    on every run and for any batching, and the processes keep both cores busier than DuckDB's two
+    threads do (~15 % faster measured).
     """
     parts = [str(p) for p in notes_parts]
     if not parts:
         raise ValueError("no midi_notes parts to evaluate")
     if batch_files < 1:
         raise ValueError(f"batch_files must be at least 1, got {batch_files}")
-    wanted = sorted(set(file_ids)) if file_ids is not None else _file_ids(parts, con or duckdb.connect())
+    if engine not in ENGINES:
+        raise ValueError(f"unknown quality engine {engine!r}; engines are {list(ENGINES)}")
+    wanted = sorted(set(file_ids)) if file_ids is not None else _file_ids(parts)
     if con is not None:
-        batches = [_evaluate_batch(parts, batch, config, con) for batch in _batches(wanted, batch_files)]
+        evaluate = partial(_evaluate_batch, con=con) if engine == "duckdb" else _evaluate_compiled
+        batches = [evaluate(parts, batch, config) for batch in _batches(wanted, batch_files)]
         return pa.concat_tables(batches).sort_by("file_id")
+    evaluate = ENGINES[engine]
     workers = workers or os.cpu_count() or 1
-    size = max(1, min(batch_files, math.ceil(len(wanted) / workers)))  # every worker gets a batch
+    # equal batches, as many for every worker (the last to finish sets the time), at most batch_files
+    rounds = max(1, math.ceil(len(wanted) / (workers * batch_files)))
+    size = max(1, math.ceil(len(wanted) / (workers * rounds)))
     jobs = list(_batches(wanted, size))
     if len(jobs) == 1 or workers == 1:
-        batches = [_evaluate_alone(parts, batch, config) for batch in jobs]
+        batches = [evaluate(parts, batch, config) for batch in jobs]
     else:
+        # what every worker would load on first use, loaded here once: the workers fork with it
+        if engine == "compiled":
+            load_kernel(config, NOTE_LENGTH_CAP_MS)
+        pa.array([0])  # pyarrow imports pandas on its first array (~0.3 s)
         with ProcessPoolExecutor(min(workers, len(jobs))) as pool:
-            batches = list(pool.map(_evaluate_alone, repeat(parts), jobs, repeat(config)))
+            batches = list(pool.map(evaluate, repeat(parts), jobs, repeat(config)))
     return pa.concat_tables(batches).sort_by("file_id")
 
 
@@ -194,9 +218,26 @@ def _evaluate_alone(parts: list[str], file_ids: list[str], config: QualityConfig
     return _evaluate_batch(parts, file_ids, config, duckdb.connect(config={"threads": 1}))
 
 
-def _file_ids(parts: list[str], con: duckdb.DuckDBPyConnection) -> list[str]:
-    ids = con.sql("SELECT DISTINCT file_id FROM read_parquet($parts) ORDER BY file_id", params={"parts": parts})
-    return ids.to_arrow_table()["file_id"].to_pylist()
+def _evaluate_compiled(parts: list[str], file_ids: list[str], config: QualityConfig) -> pa.Table:
+    """A batch through the compiled engine; a file whose onsets go back (midi_notes holds none)
+    through the queries, which define the rules for notes in any order."""
+    rules, out_of_order = rule_table(parts, file_ids, config, NOTE_LENGTH_CAP_MS)
+    rows = _verdict([rules], config)
+    if out_of_order:
+        rows = pa.concat_tables([rows, _evaluate_alone(parts, out_of_order, config)]).sort_by("file_id")
+    return rows
+
+
+# The engines' batch functions (run in worker processes: module-level, so they pickle).
+ENGINES = {"compiled": _evaluate_compiled, "duckdb": _evaluate_alone}
+
+
+def _file_ids(parts: list[str]) -> list[str]:
+    """Every file_id of the parts, sorted, from their file_id column alone (with pyarrow: opening a
+    DuckDB for it took longer than the read)."""
+    ids = pc.unique(pa.chunked_array([pq.read_table(part, columns=["file_id"])["file_id"] for part in parts],
+                                     pa.string()))
+    return ids.take(pc.sort_indices(ids)).to_pylist()
 
 
 def _batches(ids: list[str], size: int) -> Iterator[list[str]]:
@@ -241,7 +282,7 @@ def _scan_batches(table: pa.Table, notes: pa.ChunkedArray) -> pa.Table:
     ends = np.cumsum(weights)
     share = np.searchsorted(ends, np.arange(1, SCAN_BATCHES) * ends[-1] / SCAN_BATCHES) if len(ends) else []
     cuts = np.unique(np.concatenate([[0], share, np.arange(0, len(ends), SCAN_BATCH_ROWS), [len(ends)]]))
-    batches = [b for a, z in zip(cuts[:-1], cuts[1:]) for b in table.slice(a, z - a).to_batches()]
+    batches = [b for a, z in pairwise(cuts) for b in table.slice(a, z - a).to_batches()]
     return pa.Table.from_batches(batches, table.schema)
 
 
@@ -295,7 +336,8 @@ def _suffixed(table: pa.Table, suffix: str) -> pa.Table:
 
 
 def _verdict(results: list[pa.Table], config: QualityConfig) -> pa.Table:
-    """Join the per-query results (each one row per staged file, in the same order) into the output.
+    """Join the per-query results (each one row per staged file, in the same order; the compiled
+    engine's single table of every metric and verdict) into the output.
 
     A rule checked per window (density, unique pitches) passes only when every window passes; one
     configured with no windows has nothing to fail.

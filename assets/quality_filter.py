@@ -2,9 +2,11 @@
 
 Incremental: a file's row depends only on its notes (its file_id is their content hash) and on the
 rules, so rows of the previous ``quality.parquet`` written under the same rules hash (the resolved
-QualityConfig, the rule SQL, aria_model.quality and the notes parser version; kept in the Parquet
-metadata) are reused, and only file_ids without one are evaluated, reading only the midi_notes
-parts that hold them. Files no longer in the manifest drop out. ``rebuild: true`` evaluates all.
+QualityConfig, the engine, the rule SQL and kernels, aria_model.quality and the notes parser
+version; kept in the Parquet metadata) are reused, and only file_ids without one are evaluated,
+reading only the midi_notes parts that hold them. Files no longer in the manifest drop out.
+``rebuild: true`` evaluates all. ``engine``: the compiled kernels (default) or DuckDB's queries,
+the reference they equal bit for bit.
 """
 
 
@@ -19,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from aria_model import duckdb_entropy, quality_compiled, quality_kernels
 from aria_model import quality as quality_rules
 from aria_model.atomic_io import write_parquet_atomic
 from aria_model.notes_table import PARSER_VERSION, part_files
@@ -38,7 +41,8 @@ class QualityFilterConfig(dg.Config):
     preset: str | None = None
     disabled_rules: list[str] = []  # rules to switch off on top of the preset
     rebuild: bool = False  # evaluate every file, even those the previous table holds under the same rules
-    workers: int | None = None  # processes evaluating batches of files, one DuckDB thread each; None: all cores
+    workers: int | None = None  # processes evaluating batches of files (DuckDB's with one thread each); None: all cores
+    engine: str = "compiled"  # compiled (numba kernels) | duckdb (the rules' SQL: the reference, ~4.5x slower)
 
 
 class PassRateBounds(dg.Config):
@@ -69,14 +73,14 @@ def quality_filter(
     rules = QualityConfig.preset(preset).without(*config.disabled_rules)
     file_ids = manifest["file_id"].unique().to_pylist()
     path = quality_path(home)
-    digest = rules_hash(rules)
+    digest = rules_hash(rules, config.engine)
     parts = part_files(home.asset_dir("midi_notes"))
     started = time.perf_counter()
     reused, mode = (None, "full: rebuild requested") if config.rebuild else previous_rows(path, digest, file_ids)
-    evaluated = _evaluate_missing(parts, rules, file_ids, reused, config.workers)
+    evaluated = _evaluate_missing(parts, rules, file_ids, reused, config.workers, config.engine)
     if reused is not None and evaluated is not None and not _same_columns(reused, evaluated):
         reused, mode = None, "full: the previous table has other columns"
-        evaluated = _evaluate_missing(parts, rules, file_ids, None, config.workers)
+        evaluated = _evaluate_missing(parts, rules, file_ids, None, config.workers, config.engine)
     seconds = time.perf_counter() - started
     table = pa.concat_tables([t for t in (reused, evaluated) if t is not None]).sort_by("file_id")
     table = table.combine_chunks().replace_schema_metadata({RULES_HASH_KEY: digest.encode()})
@@ -91,6 +95,7 @@ def quality_filter(
         "passed": passed,
         "pass_rate": round(passed / max(table.num_rows, 1), 4),
         "preset": preset,
+        "engine": config.engine,
         "evaluated": n_evaluated,
         "reused": table.num_rows - n_evaluated,
         "reuse_mode": mode,
@@ -105,14 +110,16 @@ def quality_filter(
     })
 
 
-def rules_hash(rules: QualityConfig) -> str:
-    """What a file's row depends on besides its notes: the thresholds, the rules' SQL and Python, and
-    the notes parser version. Any change re-evaluates every file once."""
+def rules_hash(rules: QualityConfig, engine: str = "compiled") -> str:
+    """What a file's row depends on besides its notes: the thresholds, the engine, the rules' SQL and
+    kernels, and the notes parser version. Any change re-evaluates every file once (so does a switch
+    of engine, although both give the same rows: a table then always holds one engine's)."""
     digest = hashlib.sha256()
     config = dataclasses.asdict(rules)
     digest.update(json.dumps(config, sort_keys=True, default=sorted).encode())  # default: the enabled frozenset
-    digest.update(f"parser {PARSER_VERSION}".encode())
-    for code in [*sorted(SQL_DIR.glob("quality_*.sql")), Path(quality_rules.__file__)]:
+    digest.update(f"parser {PARSER_VERSION} engine {engine}".encode())
+    modules = (quality_rules, quality_compiled, quality_kernels, duckdb_entropy)
+    for code in [*sorted(SQL_DIR.glob("quality_*.sql")), *(Path(module.__file__) for module in modules)]:
         digest.update(code.name.encode() + b"\0" + code.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -130,13 +137,15 @@ def previous_rows(path: Path, digest: str, file_ids: list[str]) -> tuple[pa.Tabl
 
 
 def _evaluate_missing(parts: list[Path], rules: QualityConfig, file_ids: list[str],
-                      reused: pa.Table | None, workers: int | None) -> pa.Table | None:
+                      reused: pa.Table | None, workers: int | None, engine: str) -> pa.Table | None:
     """Evaluate the files without a reused row, reading only the parts that hold them (None: nothing to do)."""
     if reused is None:
-        return evaluate_quality(parts, rules, file_ids=file_ids, workers=workers)
+        return evaluate_quality(parts, rules, file_ids=file_ids, workers=workers, engine=engine)
     missing = set(file_ids) - set(reused["file_id"].to_pylist())
     holding = _parts_holding(parts, missing) if missing else []
-    return evaluate_quality(holding, rules, file_ids=sorted(missing), workers=workers) if holding else None
+    if not holding:
+        return None
+    return evaluate_quality(holding, rules, file_ids=sorted(missing), workers=workers, engine=engine)
 
 
 def _parts_holding(parts: list[Path], file_ids: set[str]) -> list[Path]:

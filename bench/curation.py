@@ -20,8 +20,10 @@ Then, on that corpus, in one run:
    peak memory. Each stage is extrapolated to Aria-MIDI's 1,186,253 files (goal: under 10
    minutes on 2 cores, writing included) at the growth measured between every 4th piece (all of
    its copies) and every piece: LSH candidates between different pieces grow faster than the files.
-2. ``evaluate_quality`` (DuckDB, the "scores" preset the pipeline uses for the demo corpus):
-   notes/s (goal >= 10M notes/s), and a bare DuckDB scan of the note lists it reads: the ceiling.
+2. ``evaluate_quality`` (the "scores" preset the pipeline uses for the demo corpus), both engines
+   in the same run: notes/s of the compiled one (goal >= 10M notes/s) and of DuckDB's (the
+   reference it must equal, checked), and bare scans of the note lists they read (DuckDB's and
+   pyarrow's): the ceilings.
 3. ``build_token_shards`` from the dedup and quality tables just written: tokens/s.
 4. ``TokenWindows`` through ``ResumableLoader`` (what ``AriaDataModule`` hands the trainer):
    train-split tokens/s with and without augmentation, 0 and ``--workers`` loader workers.
@@ -48,6 +50,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +68,10 @@ from aria_model.atomic_io import AtomicParquetWriter, write_parquet_atomic  # no
 from aria_model.data import ResumableLoader, TokenWindows, WindowConfig  # noqa: E402
 from aria_model.dedup import DedupConfig, DedupResult, NoteParts, deduplicate  # noqa: E402
 from aria_model.demo_corpus import DemoCorpusConfig, build_demo_corpus  # noqa: E402
-from aria_model.notes_table import NOTES_SCHEMA, PARSER_VERSION, part_files, update_notes_tables  # noqa: E402
-from aria_model.quality import QualityConfig, evaluate_quality  # noqa: E402
+from aria_model.notes_table import (NOTES_SCHEMA, NOTES_WRITE_OPTIONS, PARSER_VERSION,  # noqa: E402
+                                    part_files, update_notes_tables)
+from aria_model.quality import ENGINES, NOTE_LENGTH_CAP_MS, QualityConfig, evaluate_quality  # noqa: E402
+from aria_model.quality_compiled import load_kernel  # noqa: E402
 from aria_model.shards import SPLITS, ShardConfig, ShardInputs, build_token_shards  # noqa: E402
 from aria_model.sources import MANIFEST_SCHEMA, build_manifest  # noqa: E402
 from bench.common import ARIA_MIDI_FILES, ARIA_MIDI_NOTES, run_in_scratch  # noqa: E402
@@ -286,9 +291,10 @@ def manifest_row(base: dict, file_id: str, copy: int, rng: np.random.Generator) 
 
 
 def write_notes_part(rows: list[dict], notes_dir: Path) -> None:
-    """One midi_notes part named as update_notes_tables names it, in row groups of ROWS_PER_GROUP."""
+    """One midi_notes part named and encoded as update_notes_tables writes it, in row groups of ROWS_PER_GROUP."""
     digest = hashlib.sha256("\n".join(r["file_id"] for r in rows).encode()).hexdigest()[:16]
-    with AtomicParquetWriter(notes_dir / f"part-v{PARSER_VERSION}-{digest}.parquet", NOTES_SCHEMA) as out:
+    path = notes_dir / f"part-v{PARSER_VERSION}-{digest}.parquet"
+    with AtomicParquetWriter(path, NOTES_SCHEMA, **NOTES_WRITE_OPTIONS) as out:
         for start in range(0, len(rows), ROWS_PER_GROUP):
             out.write(notes_table(rows[start: start + ROWS_PER_GROUP]))
 
@@ -551,20 +557,24 @@ def _extrapolated(small: float, large: float, small_files: int, files: int) -> t
 
 
 def bench_quality(corpus: Corpus, out: Path, repeat: int) -> Path:
-    print("quality filter (evaluate_quality, DuckDB):", flush=True)
+    """Both engines of evaluate_quality on the same parts, in the same run: the compiled one against the
+    goal, DuckDB's as the reference it must equal (checked here too)."""
+    print("quality filter (evaluate_quality, compiled and DuckDB engines):", flush=True)
     parts = part_files(corpus.notes_dir)
     config = QualityConfig.preset("scores")  # the pipeline's preset for the demo source
-    best, table = None, None
-    for _ in range(repeat):
-        with Stage() as stage:
-            table = evaluate_quality(parts, config)
-        best = stage if best is None or stage.seconds < best.seconds else best
-    rate = corpus.notes / best.seconds
-    record("quality filter", best.seconds, best.cpu, rate, "notes/s",
-           f">= {QUALITY_GOAL_NOTES_PER_S / 1e6:.0f}M notes/s", verdict(rate >= QUALITY_GOAL_NOTES_PER_S))
-    threads = duckdb.connect().sql("SELECT current_setting('threads')").fetchall()[0][0]
-    print(f"  {table.num_rows:,} files ({corpus.notes:,} notes) at {table.num_rows / best.seconds:,.0f} files/s, "
-          f"best of {repeat}, {threads} DuckDB threads; {pc.sum(table['passed']).as_py():,} pass")
+    load_kernel(config, NOTE_LENGTH_CAP_MS)  # numba's compile (or cache load) is not the filter's time
+    tables, rates = {}, {}
+    for engine in ENGINES:
+        best, tables[engine] = fastest(repeat, lambda engine=engine: evaluate_quality(parts, config, engine=engine))
+        rates[engine] = corpus.notes / best.seconds
+        goal = f">= {QUALITY_GOAL_NOTES_PER_S / 1e6:.0f}M notes/s" if engine == "compiled" else "reference"
+        record(f"quality filter: {engine}", best.seconds, best.cpu, rates[engine], "notes/s", goal,
+               verdict(rates[engine] >= QUALITY_GOAL_NOTES_PER_S) if engine == "compiled" else "")
+    table = tables["compiled"]
+    same = table.equals(tables["duckdb"])
+    print(f"  {table.num_rows:,} files ({corpus.notes:,} notes), best of {repeat}, {os.cpu_count()} worker processes: "
+          f"compiled {rates['compiled'] / rates['duckdb']:.1f}x DuckDB, "
+          f"{'the same table' if same else 'TABLES DIFFER'}; {pc.sum(table['passed']).as_py():,} pass")
     failures = Counter(rule for rules in table["failed_rules"].to_pylist() for rule in rules)
     print(f"  failures by rule: {dict(failures.most_common())}")
     bench_quality_scan(parts, corpus.notes, repeat)
@@ -574,15 +584,29 @@ def bench_quality(corpus: Corpus, out: Path, repeat: int) -> Path:
 
 
 def bench_quality_scan(parts: list[Path], notes: int, repeat: int) -> None:
-    """What reading the note lists the rules use costs alone: no filter can run faster than this scan."""
+    """What reading the note lists the rules use costs alone, all cores: DuckDB's scan (what its engine
+    reads through) and pyarrow's (the compiled engine's reader). No filter runs faster than its reader."""
     sums = ", ".join(f"sum(list_sum({column}))" for column in QUALITY_NOTE_LISTS)
     con = duckdb.connect()
+    scans = {
+        "DuckDB": lambda: con.sql(f"SELECT {sums} FROM read_parquet($parts)",
+                                  params={"parts": [str(p) for p in parts]}).fetchall(),
+        "pyarrow": lambda: pq.read_table(parts, columns=list(QUALITY_NOTE_LISTS)),
+    }
+    for reader, scan in scans.items():
+        best, _ = fastest(repeat, scan)
+        record(f"quality: {reader} scan only", best.seconds, best.cpu, notes / best.seconds, "notes/s")
+
+
+def fastest(repeat: int, run: Callable[[], object]) -> tuple[Stage, object]:
+    """The fastest of ``repeat`` timed runs, and what it returned."""
     best = None
     for _ in range(repeat):
         with Stage() as stage:
-            con.sql(f"SELECT {sums} FROM read_parquet($parts)", params={"parts": [str(p) for p in parts]}).fetchall()
-        best = stage if best is None or stage.seconds < best.seconds else best
-    record("quality: scan only", best.seconds, best.cpu, notes / best.seconds, "notes/s")
+            result = run()
+        if best is None or stage.seconds < best[0].seconds:
+            best = stage, result
+    return best
 
 
 # -- 3. token shards -----------------------------------------------------------------------
