@@ -304,6 +304,14 @@ def per_class_table(results: Sequence[ProbeResult]) -> pa.Table:
     ]))
 
 
+def results_text(rows: Sequence[Mapping]) -> str:
+    """``results_table`` rows (or ``RESULT_COLUMNS`` dicts) as a fixed-width text table."""
+    lines = [f"{'task':12s} {'method':22s} {'accuracy':>8s} {'macro_f1':>8s} {'n_train':>7s} {'n_test':>6s}"]
+    lines += [f"{row['task']:12s} {row['method']:22s} {row['accuracy']:8.3f} {row['macro_f1']:8.3f} "
+              f"{row['n_train']:7d} {row['n_test']:6d}" for row in rows]
+    return "\n".join(lines)
+
+
 def write_results(results: Sequence[ProbeResult], home: str | Path | None = None) -> Path:
     """Write ``results_table(results)`` atomically to ``<home>/probe_eval/results.parquet``."""
     path = Path(home or default_home()) / RESULTS_DIR / RESULTS_FILE

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 PROBE_SEQ_LEN = 1024  # the linear probes' chunk length (aria/eval/linear_probe.py)
 PROBE_TASKS = ("style", "tune_type")  # the demo corpus's labeled tasks (aria_model.probe_data)
+EOS, MEAN = "eos", "mean"  # poolings: Aria's <E> embedding of a contrastive model; an LM's mean-pooled hidden states
+HANDCRAFTED, MAJORITY = "handcrafted", "majority"  # the baselines without a model
 
 
 @dataclass(frozen=True)

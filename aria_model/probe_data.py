@@ -72,7 +72,7 @@ import hashlib
 import json
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -81,7 +81,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aria_model.atomic_io import write_parquet_atomic
-from aria_model.midi import INSTRUMENTS, Performance
+from aria_model.midi import INSTRUMENTS, Performance, load_midi
+from aria_model.shards import notes_performances
 from aria_model.sources import DEMO_METADATA_FILE, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -259,6 +260,28 @@ class ProbeDataset:
 
     def describe(self) -> str:
         return "\n".join(self.reports[task].describe() for task in self.reports)
+
+    def paths(self) -> dict[str, str]:
+        """{file_id: path} of every probe file (a file in several tasks once)."""
+        return dict(zip(self.table["file_id"].to_pylist(), self.table["path"].to_pylist()))
+
+
+def probe_performances(notes_dir: str | Path, paths: Mapping[str, str],
+                       unreadable: dict[str, str]) -> Iterator[tuple[str, Performance]]:
+    """``(file_id, Performance)`` of {file_id: path}: from the ``midi_notes`` table (the notes the
+    models trained on), else parsed from the file (eval files the corpus does not hold). A file
+    that is in neither and cannot be parsed is left out and put in ``unreadable`` with the reason."""
+    found = set()
+    for file_id, perf in notes_performances(notes_dir, paths):
+        found.add(file_id)
+        yield file_id, perf
+    for file_id in sorted(set(paths) - found):
+        try:
+            perf = load_midi(paths[file_id])
+        except Exception as exc:  # one bad eval file must not stop the others; the reason is kept
+            unreadable[file_id] = f"{paths[file_id]}: {type(exc).__name__}: {exc}"
+            continue
+        yield file_id, perf
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,13 +13,11 @@ give a label away (the trivial-cue check).
 """
 
 
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import dagster as dg
 import pyarrow.compute as pc
 
-from aria_model.midi import Performance, load_midi
 from aria_model.probe_data import (
     DEMO_TASKS,
     SEED,
@@ -30,12 +28,12 @@ from aria_model.probe_data import (
     clusters_in_several_splits,
     cue_report,
     file_cues,
+    probe_performances,
     read_clusters,
     read_eval_splits,
     read_probe_dataset,
     write_probe_dataset,
 )
-from aria_model.shards import notes_performances
 from aria_model.sources import DEMO_METADATA_FILE
 from assets.metadata import markdown_table
 from assets.opus_dedup import dedup_path
@@ -60,24 +58,6 @@ class ProbeDatasetConfig(dg.Config):
 
 def probe_path(home: AriaHome) -> Path:
     return home.asset_dir(ASSET_NAME) / PROBE_FILE
-
-
-def probe_performances(notes_dir: Path, paths: Mapping[str, str],
-                       unreadable: dict[str, str]) -> Iterator[tuple[str, Performance]]:
-    """``(file_id, Performance)`` of {file_id: path}: from the ``midi_notes`` table (the notes the
-    models trained on), else parsed from the file (eval files the corpus does not hold). A file
-    that is in neither and cannot be parsed is left out and put in ``unreadable`` with the reason."""
-    found = set()
-    for file_id, perf in notes_performances(notes_dir, paths):
-        found.add(file_id)
-        yield file_id, perf
-    for file_id in sorted(set(paths) - found):
-        try:
-            perf = load_midi(paths[file_id])
-        except Exception as exc:  # one bad eval file must not stop the others; the reason is kept
-            unreadable[file_id] = f"{paths[file_id]}: {type(exc).__name__}: {exc}"
-            continue
-        yield file_id, perf
 
 
 def build(config: ProbeDatasetConfig, home: AriaHome) -> tuple[ProbeDataset, str]:
@@ -111,7 +91,7 @@ def probe_dataset(context: dg.AssetExecutionContext, config: ProbeDatasetConfig,
     digest = write_probe_dataset(dataset, path)
     context.log.info(dataset.describe())
     table = dataset.table
-    paths = dict(zip(table["file_id"].to_pylist(), table["path"].to_pylist()))
+    paths = dataset.paths()
     unreadable: dict[str, str] = {}
     cues = {file_id: file_cues(perf)
             for file_id, perf in probe_performances(home.root / "midi_notes", paths, unreadable)}

@@ -26,7 +26,6 @@ inputs writes the same table (the ``seconds`` column aside).
 
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aria_model.atomic_io import write_parquet_atomic
-from aria_model.features import feature_columns, handcrafted_features
-from aria_model.probe_config import PROBE_SEQ_LEN, ProbeConfig
+from aria_model.features import feature_columns
+from aria_model.probe_config import EOS, HANDCRAFTED, MAJORITY, MEAN, PROBE_SEQ_LEN, ProbeConfig
 from aria_model.probe_data import ProbeDataset, read_probe_dataset
 from assets.contrastive_model import ASSET_NAME as CONTRASTIVE_MODEL
 from assets.contrastive_model import SCRATCH_ASSET_NAME as CONTRASTIVE_SCRATCH
@@ -45,7 +44,7 @@ from assets.contrastive_model import latest_metadata
 from assets.metadata import figure_markdown, markdown_table, progress_logger
 from assets.pretrained_model import ASSET_NAME as PRETRAINED_MODEL
 from assets.probe_dataset import ASSET_NAME as PROBE_DATASET
-from assets.probe_dataset import DEMO_LABELS, probe_path, probe_performances
+from assets.probe_dataset import DEMO_LABELS, probe_path
 from pipelines.resources import AriaHome, MlflowTracking
 
 # torch and the models load in this step only, not in every process that loads the code location
@@ -56,12 +55,10 @@ if TYPE_CHECKING:
 ASSET_NAME = "probe_eval"
 # method -> (the asset whose weights embed, pooling): Aria's EOS embedding or the LM's mean pool
 EMBEDDERS = {
-    "aria_contrastive": (CONTRASTIVE_MODEL, "eos"),
-    "contrastive_scratch": (CONTRASTIVE_SCRATCH, "eos"),
-    "pretrained_mean_pool": (PRETRAINED_MODEL, "mean"),
+    "aria_contrastive": (CONTRASTIVE_MODEL, EOS),
+    "contrastive_scratch": (CONTRASTIVE_SCRATCH, EOS),
+    "pretrained_mean_pool": (PRETRAINED_MODEL, MEAN),
 }
-HANDCRAFTED = "handcrafted"
-MAJORITY = "majority"
 METHODS = (*EMBEDDERS, HANDCRAFTED, MAJORITY)
 
 
@@ -87,6 +84,7 @@ def probe_eval(context: dg.AssetExecutionContext, config: ProbeEvalConfig, home:
     """Linear probes of every method on every task; the results table, per-class metrics and the
     best method's confusion matrix per task as metadata and in MLflow."""
     from aria_model.probe import confusion_figure, per_class_table, write_results
+    from aria_model.probe_eval import best_per_task, probe_methods, result_rows
 
     dataset = read_probe_dataset(probe_path(home))
     labels = latest_metadata(context, PROBE_DATASET).get("labels")
@@ -102,12 +100,13 @@ def probe_eval(context: dg.AssetExecutionContext, config: ProbeEvalConfig, home:
         exclude = config.exclude_feature_blocks
         if exclude is None:
             exclude = ["velocity"] if labels == DEMO_LABELS else []
-        results = _probes(config, dataset, features, feature_columns(exclude=exclude))
+        results = probe_methods(dataset, features, list(EMBEDDERS), feature_columns(exclude=exclude),
+                                epochs=config.epochs, seed=config.seed)
         results_path = write_results(results, home.root)
         per_class_path = out / "per_class.parquet"
         write_parquet_atomic(per_class_table(results), per_class_path)
         confusion_dir = _write_confusions(results, out / "confusion")
-        best = _best_per_task(results)
+        best = best_per_task(results)
         _log_to_mlflow(mlflow, run_id, results, results_path, per_class_path, confusion_dir, models, dataset)
     for result in results:
         context.log.info(f"{result.task:12s} {result.method:22s} accuracy {result.accuracy:.3f}  "
@@ -117,7 +116,7 @@ def probe_eval(context: dg.AssetExecutionContext, config: ProbeEvalConfig, home:
     return dg.MaterializeResult(metadata={
         "dagster/row_count": len(results),
         "path": dg.MetadataValue.path(str(results_path)),
-        "results": dg.MetadataValue.md(markdown_table(_result_rows(results))),
+        "results": dg.MetadataValue.md(markdown_table(result_rows(results))),
         "per_class": dg.MetadataValue.md(markdown_table(_per_class_rows(results))),
         "best": dg.MetadataValue.json({task: result.method for task, result in best.items()}),
         **figures,
@@ -146,71 +145,27 @@ def _features(context: dg.AssetExecutionContext, config: ProbeEvalConfig, home: 
     and per method, how it was embedded and how long it took."""
     import torch
 
-    from aria_model.embedding import (
-        Embeddings,
-        embed_performances,
-        load_embedding_model,
-        load_model,
-        write_embeddings_parquet,
-    )
+    from aria_model.embedding import write_embeddings_parquet
+    from aria_model.probe_eval import Embedder, handcrafted_embeddings, model_features
 
-    paths = dict(zip(dataset.table["file_id"].to_pylist(), dataset.table["path"].to_pylist()))
     notes_dir = home.root / "midi_notes"
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     features, timings = {}, {}
     for method, (asset, pooling) in EMBEDDERS.items():
         weights = models[method]["weights"]
-        network = (load_embedding_model if pooling == "eos" else load_model)(weights, device)
-        seq_len = min(config.seq_len, network.config.max_seq_len)
-        context.log.info(f"{method}: {len(paths)} files through {asset} ({weights}) on {device}, "
-                         f"{pooling} pooling, 300-note chunks of at most {seq_len} tokens")
-        started = time.perf_counter()
-        unreadable: dict[str, str] = {}
-        embedded = embed_performances(network, probe_performances(notes_dir, paths, unreadable), config.batch_size,
-                                      seq_len, pooling=pooling, progress=progress_logger(context, 100), total=len(paths))
-        seconds = time.perf_counter() - started
-        write_embeddings_parquet(embedded, out / "embeddings" / f"{method}.parquet", key_column="file_id")
-        features[method] = embedded.by_key()
-        timings[method] = {"seq_len": seq_len, "pooling": pooling, "device": device, "seconds": round(seconds, 2),
-                           "files_per_s": round(len(embedded.keys) / max(seconds, 1e-9), 1),
-                           "chunks": int(embedded.n_chunks.sum()),
-                           "failed": len(embedded.failures) + len(unreadable)}
-        del network  # before the next model loads: two large models need not fit at once
+        context.log.info(f"{method}: {len(dataset.paths())} files through {asset} ({weights}) on {device}, "
+                         f"{pooling} pooling, 300-note chunks of at most {config.seq_len} tokens")
+        computed = model_features(Embedder(method, weights, pooling), dataset, notes_dir, device=device,
+                                  batch_size=config.batch_size, seq_len=config.seq_len,
+                                  progress=progress_logger(context, 100))
+        write_embeddings_parquet(computed.embeddings, out / "embeddings" / f"{method}.parquet", key_column="file_id")
+        features[method], timings[method] = computed.embeddings.by_key(), computed.timing
     started = time.perf_counter()
-    vectors = {file_id: handcrafted_features(perf) for file_id, perf in probe_performances(notes_dir, paths, {})}
-    keys = sorted(vectors)
-    handcrafted = Embeddings(keys, np.stack([vectors[k] for k in keys]) if keys else np.zeros((0, 0), np.float32),
-                             np.ones(len(keys), np.int32))
+    handcrafted = handcrafted_embeddings(dataset, notes_dir)
     write_embeddings_parquet(handcrafted, out / "embeddings" / f"{HANDCRAFTED}.parquet", key_column="file_id")
-    features[HANDCRAFTED] = vectors
+    features[HANDCRAFTED] = handcrafted.by_key()
     timings[HANDCRAFTED] = {"seconds": round(time.perf_counter() - started, 2)}
     return features, timings
-
-
-def _probes(config: ProbeEvalConfig, dataset: ProbeDataset, features: dict[str, dict[str, np.ndarray]],
-            columns: np.ndarray) -> list["ProbeResult"]:
-    """Every method on every task, in ``METHODS`` order within a task."""
-    from aria_model.probe import HANDCRAFTED_PROBE, majority_task, probe_task
-
-    aria = ProbeConfig(epochs=config.epochs, seed=config.seed)
-    handcrafted = replace(HANDCRAFTED_PROBE, epochs=config.epochs, seed=config.seed)
-    results = []
-    for task in dataset.tasks:
-        results += [probe_task(dataset, task, features[method], method=method, config=aria) for method in EMBEDDERS]
-        results.append(probe_task(dataset, task, features[HANDCRAFTED], method=HANDCRAFTED, config=handcrafted,
-                                  columns=columns))
-        results.append(majority_task(dataset, task))
-    return results
-
-
-def _best_per_task(results: list["ProbeResult"]) -> dict[str, "ProbeResult"]:
-    """Highest macro-F1 per task (then accuracy; ties go to the earlier method in ``METHODS``)."""
-    best: dict[str, "ProbeResult"] = {}
-    for result in results:
-        current = best.get(result.task)
-        if current is None or (result.macro_f1, result.accuracy) > (current.macro_f1, current.accuracy):
-            best[result.task] = result
-    return best
 
 
 def _write_confusions(results: list["ProbeResult"], folder: Path) -> Path:
@@ -238,18 +193,15 @@ def _log_to_mlflow(mlflow: MlflowTracking, run_id: str, results: list["ProbeResu
         summary[f"{method}.mlflow_run_id"] = str(model["mlflow_run_id"])
         summary[f"{method}.weights"] = str(model["weights"])
     tracker.log_summary(run_id, summary)
+    from aria_model.probe_eval import result_rows
+
     client = tracker.client
-    rows = _result_rows(results)
+    rows = result_rows(results)
     client.log_table(run_id, {column: [row[column] for row in rows] for column in RESULT_COLUMNS}, "probe_results.json")
     client.log_text(run_id, markdown_table(rows), "probe_results.md")
     client.log_artifact(run_id, str(results_path))
     client.log_artifact(run_id, str(per_class_path))
     client.log_artifacts(run_id, str(confusion_dir), "confusion")
-
-
-def _result_rows(results: list["ProbeResult"]) -> list[dict]:
-    return [{"task": r.task, "method": r.method, "accuracy": round(r.accuracy, 3), "macro_f1": round(r.macro_f1, 3),
-             "n_train": r.n_train, "n_test": r.n_test} for r in results]
 
 
 def _per_class_rows(results: list["ProbeResult"]) -> list[dict]:

@@ -91,7 +91,7 @@ def print_probe_results(home: Path) -> None:
     """The probe table (``<home>/probe_eval/results.parquet``) and the probe dataset's pieces per class."""
     import pyarrow.parquet as pq
 
-    from aria_model.probe import RESULT_COLUMNS, RESULTS_DIR, RESULTS_FILE
+    from aria_model.probe import RESULT_COLUMNS, RESULTS_DIR, RESULTS_FILE, results_text
     from aria_model.probe_data import read_probe_dataset
     from assets.probe_dataset import ASSET_NAME as PROBE_DATASET
     from assets.probe_dataset import PROBE_FILE
@@ -101,10 +101,7 @@ def print_probe_results(home: Path) -> None:
         return
     rows = pq.read_table(path, columns=list(RESULT_COLUMNS)).to_pylist()
     print(f"\nLinear probes ({path}):")
-    print(f"{'task':12s} {'method':22s} {'accuracy':>8s} {'macro_f1':>8s} {'n_train':>7s} {'n_test':>6s}")
-    for row in rows:
-        print(f"{row['task']:12s} {row['method']:22s} {row['accuracy']:8.3f} {row['macro_f1']:8.3f} "
-              f"{row['n_train']:7d} {row['n_test']:6d}")
+    print(results_text(rows))
     dataset = home / PROBE_DATASET / PROBE_FILE
     if dataset.exists():
         print("\nPieces per class (train / test split by piece):")

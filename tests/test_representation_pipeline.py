@@ -155,6 +155,30 @@ def test_demo_prints_the_probe_table(chain, capsys):
     assert "style: bach 8" in out and "below 100 pieces per class" in out
 
 
+def test_the_recipe_without_dagster_gives_the_asset_table(chain):
+    """``aria_model.recipe`` on the home the pipeline built, without MLflow: its own models and table,
+    the same methods as ``probe_eval``, the same baselines to the digit, and the asset's table untouched."""
+    from aria_model.recipe import RecipeConfig, run_recipe
+
+    home = chain[0]
+    asset_table = (home / "probe_eval" / "results.parquet").read_bytes()
+    path = run_recipe(RecipeConfig(home, "tiny", pretrain_overrides=tuple(PRETRAIN),
+                                   contrastive_overrides=tuple(CONTRASTIVE), tracking=False), report=lambda line: None)
+    assert path == home / "recipes" / "recipe-tiny" / "results.parquet"
+    assert (home / "probe_eval" / "results.parquet").read_bytes() == asset_table
+    assert {"pretrain", "aria_contrastive", "contrastive_scratch", "probes"} <= set(
+        json.loads((path.parent / "timings.json").read_text()))
+    for run in ("pretrain/recipe-tiny", "contrastive/recipe-tiny-aria_contrastive",
+                "contrastive/recipe-tiny-contrastive_scratch"):
+        assert (home / "models" / run / "model.pt").is_file()
+    ours = {(r["task"], r["method"]): r for r in pq.read_table(path).to_pylist()}
+    asset = {(r["task"], r["method"]): r for r in pq.read_table(home / "probe_eval" / "results.parquet").to_pylist()}
+    assert set(ours) == set(asset) == {(t, m) for t in ("style", "tune_type") for m in METHODS}
+    for key in asset:
+        if key[1] in ("handcrafted", "majority"):  # no model: the same features, probe and seed
+            assert {c: ours[key][c] for c in RESULT_COLUMNS} == {c: asset[key][c] for c in RESULT_COLUMNS}
+
+
 def test_jobs_and_the_demo_config():
     selections = {job: {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys}
                   for job in ("finetune", "evaluate", MAIN_JOB)}
