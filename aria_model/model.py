@@ -35,7 +35,8 @@ Aria's other heads, ``class_head`` (TransformerCL) and ``embedding_adapter``
 
 Training speed: per-block ``torch.compile`` (``compile_blocks``) is the known-good
 pattern (compiling the LightningModule fails on torch 2.13 + lightning 2.6.6);
-``grad_checkpoint`` recomputes each block in the backward pass.
+``grad_checkpoint`` recomputes each block in the backward pass; ``attention_backend``
+picks the SDPA kernel (cuDNN, flash, ...) for the code run inside it.
 
     config = ModelConfig.preset("tiny")
     model = TransformerLM(config).compile_blocks()
@@ -46,12 +47,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from aria_model.kv_cache import KVCache, LayerKV
@@ -112,6 +115,26 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # The released Aria model: the ModelConfig defaults.
     "medium": {},
 }
+
+
+# Preferred SDPA kernel first; the others stay allowed, in torch's usual order, for shapes,
+# dtypes or devices the preferred one does not support (e.g. every fused kernel on a CPU).
+_FALLBACKS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+ATTENTION_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention_backend(name: str) -> AbstractContextManager:
+    """The context that makes ``name`` the first-choice SDPA kernel; ``"auto"`` leaves torch's order.
+
+    It applies when the attention is traced or run inside it, compiled blocks included.
+    """
+    if name == "auto":
+        return nullcontext()
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r}: one of auto, {', '.join(ATTENTION_BACKENDS)}")
+    first = ATTENTION_BACKENDS[name]
+    return sdpa_kernel([first, *(b for b in _FALLBACKS if b != first)], set_priority=True)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,8 +26,9 @@ default; off in the main row) and with a proposed change (fused AdamW on the CPU
 
 With ``--gpu`` (the default when CUDA is available): the medium preset at 4 x 8192 in bf16
 autocast, eager and with per-block ``torch.compile``, our model with and without activation
-checkpointing (the preset checkpoints; the reference never does), pretrain() compiled with and
-without it and with MLflow on, plus MFU from
+checkpointing (the preset does not checkpoint, nor does the reference), pretrain() compiled with and
+without it and with MLflow on, our step with the loss left eager (as before it was compiled), each
+``--attention-variants`` SDPA kernel in our step and in pretrain(), plus MFU from
 ``flops_per_token`` against the card's dense bf16 peak and the peak GPU memory of each row; a
 row that runs out of memory says so and the others go on. ``--dry-run-gpu-path`` runs that
 same code on this CPU with the tiny model, so a GPU session does not start by finding a crash.
@@ -60,6 +61,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lightning
@@ -71,7 +73,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 from aria_model.data import AriaDataModule  # noqa: E402
-from aria_model.model import ModelConfig, TransformerLM  # noqa: E402
+from aria_model.model import ModelConfig, TransformerLM, attention_backend  # noqa: E402
 from aria_model.notes_table import update_notes_tables  # noqa: E402
 from aria_model.shards import ShardConfig, ShardInputs, build_token_shards, read_manifest  # noqa: E402
 from aria_model.sources import build_manifest  # noqa: E402
@@ -131,7 +133,7 @@ def gpu_settings(args: argparse.Namespace) -> list[Setting]:
     """Medium at 4 x 8192 on the GPU; the dry run keeps every switch but uses the tiny model on the CPU."""
     config = PretrainConfig.preset("medium")
     if args.dry_run_gpu_path:
-        base = Setting("medium", ModelConfig.preset("tiny", max_seq_len=256, grad_checkpoint=True), 256, 2,
+        base = Setting("medium", ModelConfig.preset("tiny", max_seq_len=256), 256, 2,
                        num_workers=2, warmup=2, steps=2, device="cpu", bf16=True)
     else:
         base = Setting("medium", config.model, config.data.seq_len, config.data.batch_size, config.data.num_workers,
@@ -309,11 +311,14 @@ def reference_loop(setting: Setting, batches: list) -> PlainLoop:
     return PlainLoop(lambda source, target, mask: trainer.step(source, target), batches, setting)
 
 
-def ours_loop(setting: Setting, batches: list, fused_adamw: bool = False) -> PlainLoop:
+def ours_loop(setting: Setting, batches: list, fused_adamw: bool = False, attention: str = "auto",
+              compiled_loss: bool | None = None) -> PlainLoop:
     """Our model step without Lightning: what ``PretrainModule.training_step`` and the optimizer do.
 
     ``fused_adamw``: the proposal of fused AdamW on a CPU too (``adamw`` fuses on CUDA only; the
     per-parameter loop it falls back to makes a pass over the weights per operation).
+    ``attention``: the first-choice SDPA kernel (``train.attention``); ``compiled_loss``: the loss
+    through ``torch.compile`` (default: when the blocks are, as ``PretrainModule`` does).
     """
     config = PretrainConfig.preset(setting.preset)
     torch.manual_seed(0)
@@ -326,10 +331,11 @@ def ours_loop(setting: Setting, batches: list, fused_adamw: bool = False) -> Pla
         fuse(optimizer)
     schedule = warmup_linear_decay(optimizer, config.optim, setting.warmup + setting.steps)
     autocast = torch.autocast(setting.device, dtype=torch.bfloat16, enabled=setting.bf16)
+    loss_fn = torch.compile(aria_loss) if (setting.compiled if compiled_loss is None else compiled_loss) else aria_loss
 
     def step(source, target, mask):
-        with autocast:
-            loss = aria_loss(net(source), target, mask)
+        with autocast, attention_backend(attention):  # the kernel picked forward also runs the backward
+            loss = loss_fn(net(source), target, mask)
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -366,8 +372,8 @@ class StepClock:
 
 
 def pretrain_config(setting: Setting, shards: Path, out_dir: Path, dry_run: bool,
-                    tracking_uri: str | None) -> PretrainConfig:
-    overrides = [
+                    tracking_uri: str | None, attention: str = "auto") -> PretrainConfig:
+    overrides = [f"train.attention={attention}",
         f"data.shards={shards}", f"data.seq_len={setting.seq_len}", f"data.batch_size={setting.batch_size}",
         f"data.num_workers={setting.num_workers}", f"out_dir={out_dir}",
         f"train.max_steps={setting.warmup + setting.steps}", f"train.compile={str(setting.compiled).lower()}",
@@ -386,7 +392,7 @@ def pretrain_config(setting: Setting, shards: Path, out_dir: Path, dry_run: bool
 
 
 def lightning_run(setting: Setting, shards: Path, work: Path, dry_run: bool = False,
-                  between: list[PlainLoop] = (), tracking: bool = False) -> Timing:
+                  between: list[PlainLoop] = (), tracking: bool = False, attention: str = "auto") -> Timing:
     """``pretrain()`` as the pipeline runs it, steps timed by its own progress lines.
 
     ``tracking``: MLflow on, into a sqlite store in ``work`` (the pipeline's default; off otherwise).
@@ -396,7 +402,7 @@ def lightning_run(setting: Setting, shards: Path, work: Path, dry_run: bool = Fa
     tracking_uri = f"sqlite:///{work / 'mlflow' / 'mlflow.db'}" if tracking else None
     start_memory(setting.device)
     try:
-        pretrain(pretrain_config(setting, shards, out_dir, dry_run, tracking_uri), report=clock)
+        pretrain(pretrain_config(setting, shards, out_dir, dry_run, tracking_uri, attention), report=clock)
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # medium's checkpoint is ~8 GB
     clock.timing.peak_memory = peak_memory(setting.device)
@@ -598,21 +604,28 @@ def bench_gpu(args: argparse.Namespace, shards: Path, work: Path) -> None:
 
     name = "dry run, tiny model" if args.dry_run_gpu_path else "medium"
     preset_trainer = None
-    for setting in settings:
+    for setting in settings:  # the preset's model: no activation checkpointing
         mode = "compiled blocks" if setting.compiled else "eager"
-        plain = dataclasses.replace(setting, model=dataclasses.replace(setting.model, grad_checkpoint=False))
+        remat = dataclasses.replace(setting, model=dataclasses.replace(setting.model, grad_checkpoint=True))
         reference = run(f"{name} {mode}: reference", setting, run_plain, reference_loop, setting, batches)
-        run(f"{name} {mode}: ours model step, checkpointing", setting, run_plain, ours_loop, setting, batches,
+        run(f"{name} {mode}: ours model step (preset)", setting, run_plain, ours_loop, setting, batches,
             reference=reference)
-        run(f"{name} {mode}: ours model step, no checkpointing", plain, run_plain, ours_loop, plain, batches,
+        run(f"{name} {mode}: ours model step, checkpointing", remat, run_plain, ours_loop, remat, batches,
             reference=reference)
         if setting.compiled:  # the preset trains compiled; eager pretrain() rows would add little to eager steps
-            preset_trainer = run(f"{name} {mode}: ours pretrain(), checkpointing (preset)", setting, lightning_run,
-                                 setting, shards, work, args.dry_run_gpu_path, reference=reference, goal=TRAINER_GOAL)
-            run(f"{name} {mode}: ours pretrain(), no checkpointing", plain, lightning_run, plain, shards, work,
+            preset_trainer = run(f"{name} {mode}: ours pretrain() (preset)", setting, lightning_run, setting, shards,
+                                 work, args.dry_run_gpu_path, reference=reference, goal=TRAINER_GOAL)
+            run(f"{name} {mode}: ours pretrain(), checkpointing", remat, lightning_run, remat, shards, work,
                 args.dry_run_gpu_path, reference=reference, goal=TRAINER_GOAL)
-            run(f"{name} {mode}: ours pretrain(), checkpointing (preset), MLflow on", setting, lightning_run, setting,
-                shards, work, args.dry_run_gpu_path, reference=reference, goal=TRAINER_GOAL, tracking=True)
+            run(f"{name} {mode}: ours pretrain() (preset), MLflow on", setting, lightning_run, setting, shards, work,
+                args.dry_run_gpu_path, reference=reference, goal=TRAINER_GOAL, tracking=True)
+            run(f"{name} {mode}: ours model step, loss not compiled (before)", setting, run_plain,
+                partial(ours_loop, compiled_loss=False), setting, batches, reference=reference)
+            for backend in args.attention_variants:
+                run(f"{name} {mode}: ours model step, {backend} attention", setting, run_plain,
+                    partial(ours_loop, attention=backend), setting, batches, reference=reference)
+                run(f"{name} {mode}: ours pretrain(), {backend} attention", setting, lightning_run, setting, shards,
+                    work, args.dry_run_gpu_path, reference=reference, goal=TRAINER_GOAL, attention=backend)
     bench_loader(shards, settings[0], preset_trainer, args.loader_tokens, name)
 
 
@@ -685,6 +698,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-warmup", type=int, default=3,
                         help="untimed steps per GPU row, compilation included (default 3)")
     parser.add_argument("--rows", help="GPU rows to run: a regex on their names (default: all)")
+    parser.add_argument("--attention-variants", default="",
+                        help="GPU: SDPA kernels (train.attention: cudnn, flash, efficient) timed in extra compiled "
+                             "rows, comma-separated (default none: torch 2.11 already picks cuDNN on an H100)")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak, for MFU (default: by name)")
     parser.add_argument("--profile", action="store_true", help="also profile a tiny pretrain() run (cProfile)")
     parser.add_argument("--threads", type=int,
@@ -697,6 +713,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := set(args.presets) - {"tiny", "small"}:
         parser.error(f"--presets takes tiny and small on a CPU (medium: --gpu), not {sorted(unknown)}")
     args.variants = [p for p in args.variants.split(",") if p]
+    args.attention_variants = [b for b in args.attention_variants.split(",") if b]
     if args.gpu is None:
         args.gpu = torch.cuda.is_available()
     if args.gpu and not torch.cuda.is_available() and not args.dry_run_gpu_path:

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from aria_model.model import (
+    ATTENTION_BACKENDS,
     ModelConfig,
     TransformerEMB,
     TransformerLM,
     apply_rope,
+    attention_backend,
     load_aria_state_dict,
     rope_tables,
 )
@@ -310,3 +312,16 @@ def test_bf16_cache_stays_close_to_fp32():
     logits = model(ids, cache=cache, start_pos=0)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(logits, model(ids), rtol=0, atol=5e-2)
+
+
+def test_attention_backend_prefers_a_kernel_and_falls_back_where_it_cannot_run():
+    """On a CPU only math runs: every named backend still gives auto's output; a wrong name is refused."""
+    model = tiny_lm().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 32))
+    with torch.no_grad():
+        expected = model(ids)
+        for name in ATTENTION_BACKENDS:
+            with attention_backend(name):
+                torch.testing.assert_close(model(ids), expected)
+    with pytest.raises(ValueError, match="attention backend 'fast'"):
+        attention_backend("fast")

@@ -48,7 +48,7 @@ def quick_config(shards: Path, out_dir: Path, *overrides: str) -> PretrainConfig
 
 
 def test_presets_overrides_and_files(tmp_path):
-    assert PretrainConfig.preset("medium").model == ModelConfig.preset("medium", grad_checkpoint=True)
+    assert PretrainConfig.preset("medium").model == ModelConfig.preset("medium")  # 80 GB fits it unchecked
     config = PretrainConfig.preset("tiny").with_overrides(
         ["train.max_steps=7", "optim.betas=[0.8, 0.9]", "model=small", "run_name=x", "train.compile=true"])
     assert (config.train.max_steps, config.optim.betas, config.model, config.run_name, config.train.compile) == (
@@ -106,6 +106,23 @@ def test_loss_averages_masked_token_losses_over_the_non_zero_ones():
     assert aria_loss(logits, target, mask).item() == pytest.approx(sum(by_hand) / 3, rel=1e-6)
     assert aria_loss(logits, target, mask).item() == pytest.approx(
         F.cross_entropy(logits[0, :3], target[0, :3]).item(), rel=1e-6)
+
+
+def test_compiled_training_compiles_the_loss_too_and_it_gives_the_same_value():
+    """Per-block compilation leaves the loss eager; with train.compile the module compiles it as well."""
+    from aria_model.training.lm_module import PretrainModule
+
+    config = PretrainConfig.preset("tiny").with_overrides(["train.compile=true"])
+    module = PretrainModule(config, total_steps=1)
+    module.configure_model()
+    assert module._loss is not aria_loss
+    eager = PretrainModule(PretrainConfig.preset("tiny"), total_steps=1)
+    eager.configure_model()
+    assert eager._loss is aria_loss
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 16, 50), torch.randint(0, 50, (2, 16))
+    mask = torch.rand(2, 16) > 0.3
+    torch.testing.assert_close(module._loss(logits, target, mask), aria_loss(logits, target, mask))
 
 
 def test_overfitting_one_real_demo_file_drives_the_loss_below_0_1(tiny_demo_corpus):

@@ -47,6 +47,7 @@ class PretrainModule(pl.LightningModule):
         self.net: TransformerLM | None = None
         self.seq_len = config.data.seq_len or config.model.max_seq_len
         self.flops_per_batch = 0  # set with the network; ThroughputMonitor reads it for MFU
+        self._loss = aria_loss
         self._loss_sum: torch.Tensor | None = None  # on the device: no host sync per micro-batch
         self._micro_batches = 0  # since the last optimizer step
         self.last_lr = math.nan
@@ -63,6 +64,8 @@ class PretrainModule(pl.LightningModule):
         self.flops_per_batch = self.net.flops_per_token(self.seq_len) * self.seq_len * self.config.data.batch_size
         if self.config.train.compile:
             self.net.compile_blocks()
+            # Blocks alone leave the loss eager: several memory-bound passes over [tokens, vocab] that fuse.
+            self._loss = torch.compile(aria_loss)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.net(ids)
@@ -70,7 +73,7 @@ class PretrainModule(pl.LightningModule):
     def training_step(self, dataloader_iter) -> torch.Tensor:
         batch, _, _ = next(dataloader_iter)  # (batch, batch_idx, dataloader_idx); StopIteration ends the epoch
         source, target, mask = (t.to(self.device, non_blocking=True) for t in batch)
-        loss = aria_loss(self.net(source), target, mask)
+        loss = self._loss(self.net(source), target, mask)
         detached = loss.detach().float()
         self._loss_sum = detached if self._micro_batches == 0 else self._loss_sum + detached
         self._micro_batches += 1

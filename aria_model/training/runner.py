@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch
@@ -40,11 +40,13 @@ from lightning.pytorch.loggers import MLFlowLogger
 from aria_model.atomic_io import write_json_atomic
 from aria_model.data import SplitDataModule
 from aria_model.home import default_home
-from aria_model.model import Block
-from aria_model.tracking import Tracker
+from aria_model.model import Block, attention_backend
 from aria_model.tracking_names import PARENT_RUN_ENV
 from aria_model.training.callbacks import StepLog
 from aria_model.training.config import RunConfig, TrainConfig
+
+if TYPE_CHECKING:  # mlflow is imported only by a run that tracks: training runs without it installed
+    from aria_model.tracking import Tracker
 
 # Sections that must match a checkpoint for a resume to continue the same run; train
 # (max_steps, intervals, devices) and tracking may change between restarts.
@@ -142,16 +144,17 @@ def fit(config: RunConfig, *, make_module: Callable[[int, bool], pl.LightningMod
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(config.to_dict(), out / "config.json")
     module = make_module(total_steps, ckpt_path is not None)
-    report(f"{config.run_name}: {total_steps} steps, precision {trainer.precision}, "
+    report(f"{config.run_name}: {total_steps} steps, precision {trainer.precision}, attention {train.attention}, "
            f"{trainer.world_size} process(es), out {out}")
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    seconds = time.perf_counter() - started
-    save_final_checkpoint(trainer, checkpoints)
-    # Lightning's in-fit validation schedule drifts when epochs are short (with a dataloader_iter
-    # step it counts each epoch's end as a batch), so the final model is validated here if it was not.
-    if module.last_val_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
+    with attention_backend(train.attention):
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        seconds = time.perf_counter() - started
+        save_final_checkpoint(trainer, checkpoints)
+        # Lightning's in-fit validation schedule drifts when epochs are short (with a dataloader_iter
+        # step it counts each epoch's end as a batch), so the final model is validated here if it was not.
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:
         export_weights(checkpoints / "last.ckpt", out / "model.pt")
     return Fitted(trainer, module, seconds, resume_from, total_steps)
@@ -248,6 +251,8 @@ def mlflow_run(config: RunConfig, kind: str) -> Iterator[tuple[Tracker | None, s
     if not (tracking.enabled and is_launch_rank_zero()):
         yield None, None
         return
+    from aria_model.tracking import Tracker
+
     tracker = Tracker(tracking.tracking_uri or None, home=default_home())
     if tracking.run_id:
         run = nullcontext(tracking.run_id)  # the orchestrator's run: its owner ends it
