@@ -11,7 +11,10 @@ Attending over all ``Lmax`` slots (masked) instead of only the filled prefix kee
 every decode step the same shape, so a compiled/CUDA-graphed decode step never
 recompiles; the cost is attention over empty slots, small next to the matmuls
 at Aria's 1536 width. Stale slots from an earlier use are harmless: a slot is
-visible only once its position has been written in this generation.
+visible only once its position has been written in this generation. A prefill
+from position 0 sees only its own tokens, so it attends over them with the causal
+kernels (flash, cuDNN) rather than a mask over the whole buffer, which only the
+slower memory-efficient kernel takes.
 
     model = TransformerLM(config)
     cache = model.new_cache(batch_size=2, max_seq_len=4096)
@@ -33,13 +36,17 @@ class LayerKV(NamedTuple):
     k: torch.Tensor  # [B, H, Lmax, head_dim]
     v: torch.Tensor
     positions: torch.Tensor  # [L] absolute positions of the call's tokens
-    mask: torch.Tensor  # [L, Lmax] bool, True where the query may attend
+    mask: torch.Tensor | None  # [L, Lmax] bool, True where the query may attend; None: a prefill from 0
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store ``k``/``v`` ([B, H, L, hd], already rotated) and attend ``q`` over the cache."""
-        self.k.index_copy_(2, self.positions, k.to(self.k.dtype))
-        self.v.index_copy_(2, self.positions, v.to(self.v.dtype))
-        out = F.scaled_dot_product_attention(q.to(self.k.dtype), self.k, self.v, attn_mask=self.mask)
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k.index_copy_(2, self.positions, k)
+        self.v.index_copy_(2, self.positions, v)
+        if self.mask is None:
+            out = F.scaled_dot_product_attention(q.to(k.dtype), k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q.to(self.k.dtype), self.k, self.v, attn_mask=self.mask)
         return out.to(q.dtype)
 
 
@@ -73,7 +80,8 @@ class KVCache:
     def dtype(self) -> torch.dtype:
         return self.k[0].dtype
 
-    def layers(self, positions: torch.Tensor) -> list[LayerKV]:
-        """Every layer's view for a call whose tokens sit at ``positions`` (shared by all rows)."""
-        mask = positions[:, None] >= self.key_positions[None, :]
+    def layers(self, positions: torch.Tensor, from_start: bool = False) -> list[LayerKV]:
+        """Every layer's view for a call whose tokens sit at ``positions`` (shared by all rows);
+        ``from_start``: they are positions 0, 1, ... (a prefill), so nothing else in the cache counts."""
+        mask = None if from_start else positions[:, None] >= self.key_positions[None, :]
         return [LayerKV(k, v, positions, mask) for k, v in zip(self.k, self.v)]

@@ -246,7 +246,8 @@ class Transformer(nn.Module):
                 raise ValueError(f"positions up to {start_pos + length - 1} overflow a cache of {cache.max_seq_len}")
             positions = start_pos + torch.arange(length, device=ids.device)
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-            for block, kv in zip(self.encode_layers, cache.layers(positions)):
+            from_start = isinstance(start_pos, int) and start_pos == 0
+            for block, kv in zip(self.encode_layers, cache.layers(positions, from_start)):
                 x = block(x, cos, sin, kv)
         return self.out_layer_norm(x)
 

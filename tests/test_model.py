@@ -305,6 +305,23 @@ def test_cached_prefill_in_chunks_and_decode_match_a_full_forward():
 
 
 @torch.no_grad()
+def test_prefill_from_position_0_ignores_stale_slots_and_matches_the_masked_path():
+    """A prefill at start_pos 0 attends causally over its own tokens only; the masked path over the
+    whole buffer (start_pos given as a tensor) gives the same logits and writes the same cache."""
+    model, ids, stale = tiny_lm(seed=13), random_ids(2, 24, seed=14), random_ids(2, 40, seed=15)
+    reused, masked = model.new_cache(2, max_seq_len=48), model.new_cache(2, max_seq_len=48)
+    model(stale, cache=reused, start_pos=0)  # an earlier generation's slots, some beyond the new prompt
+    causal = model(ids, cache=reused, start_pos=0)
+    torch.testing.assert_close(causal, model(ids, cache=masked, start_pos=torch.tensor(0)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal, model(ids), rtol=1e-5, atol=1e-5)
+    for written, expected in zip(reused.k + reused.v, masked.k + masked.v):
+        torch.testing.assert_close(written[:, :, :24], expected[:, :, :24])
+    step = torch.tensor(24)
+    torch.testing.assert_close(model(ids[:, :1], cache=reused, start_pos=step),
+                               model(ids[:, :1], cache=masked, start_pos=step), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
 def test_bf16_cache_stays_close_to_fp32():
     model, ids = tiny_lm(seed=11), random_ids(1, 12, seed=12)
     cache = model.new_cache(1, max_seq_len=16, dtype=torch.bfloat16)
