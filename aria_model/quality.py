@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import pairwise, repeat
@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from aria_model.midi import DRUM, DRUM_CHANNEL, INSTRUMENTS
-from aria_model.quality_compiled import load_kernel, rule_table
+from aria_model.quality_compiled import rule_table
 from aria_model.sql import run_sql
 
 NOTE_LENGTH_CAP_MS = 5000  # Aria's timing entropy caps note lengths at 5 s
@@ -173,15 +173,18 @@ def evaluate_quality(
     """One row per file of the midi_notes parts (or of ``file_ids`` among them), in file_id order.
 
     Columns: file_id, passed, failed_rules (enabled rules that failed, in RULES order), then the
-    metrics. ``engine``: "compiled" (numba kernels; ~4.5x DuckDB's speed in bench/curation.py) or
+    metrics. ``engine``: "compiled" (numba kernels; ~6x DuckDB's speed in bench/curation.py) or
     "duckdb" (the ``sql/quality_*.sql`` queries, the reference); both give the same table, bit for bit.
     Files go at most ``batch_files`` at a time (DuckDB stages them as Arrow tables). Given
     ``con``, the batches run in this process one after another (DuckDB's on ``con``'s threads).
-    Otherwise they run in ``workers`` processes, this one among them (None: all cores), DuckDB's
-    each with a single-threaded in-memory DuckDB: several DuckDB threads sum an entropy's terms in
-    an order that varies from run to run (its last bit with it), one thread per batch gives the
-    same rows on every run and for any batching, and the processes keep both cores busier than
-    DuckDB's two threads do (~15 % faster measured).
+    Otherwise they run ``workers`` at a time (None: all cores). The compiled engine's run in
+    threads: its kernel and pyarrow's reads release the GIL, and a worker process costs a fork of
+    this one (in bench/curation.py, a ~2 GB process: 7-8 M notes/s in processes, 13-14 M in
+    threads). DuckDB's run in processes, this one among them, each with a single-threaded in-memory
+    DuckDB: several DuckDB threads sum an entropy's terms in an order that varies from run to run
+    (its last bit with it), one thread per batch gives the same rows on every run and for any
+    batching, and the processes keep both cores busier than DuckDB's two threads do (~15 % faster
+    measured).
     """
     parts = [str(p) for p in notes_parts]
     if not parts:
@@ -203,11 +206,11 @@ def evaluate_quality(
     jobs = list(_batches(wanted, size))
     if len(jobs) == 1 or workers == 1:
         batches = [evaluate(parts, batch, config) for batch in jobs]
+    elif engine == "compiled":
+        with ThreadPoolExecutor(min(workers, len(jobs))) as pool:
+            batches = list(pool.map(evaluate, repeat(parts), jobs, repeat(config)))
     else:
-        # what every worker would load on first use, loaded here once: the workers fork with it
-        if engine == "compiled":
-            load_kernel(config, NOTE_LENGTH_CAP_MS)
-        pa.array([0])  # pyarrow imports pandas on its first array (~0.3 s)
+        pa.array([0])  # pyarrow imports pandas on its first array (~0.3 s): the workers fork with it
         # this process takes every workers-th batch itself rather than wait: one fork and one
         # result sent back fewer
         own, others = jobs[::workers], [job for i, job in enumerate(jobs) if i % workers]
@@ -232,7 +235,7 @@ def _evaluate_compiled(parts: list[str], file_ids: list[str], config: QualityCon
     return rows
 
 
-# The engines' batch functions (run in worker processes: module-level, so they pickle).
+# The engines' batch functions (DuckDB's run in worker processes: module-level, so they pickle).
 ENGINES = {"compiled": _evaluate_compiled, "duckdb": _evaluate_alone}
 
 

@@ -6,7 +6,7 @@ over its windows). It reads the parts with pyarrow, only the row groups whose fi
 the batch and only the columns the rules use, READ_ROWS rows at a time, and hands their flat note
 arrays to ``quality_kernels.file_metrics`` (one compiled call per read); what is left per file
 (ratios, thresholds) is numpy over the files. ``aria_model.quality.evaluate_quality`` runs it in
-worker processes, as it runs the queries.
+worker threads (the kernel releases the GIL).
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def _kernel_settings(config: QualityConfig, note_length_cap_ms: int) -> tuple:
 
 
 def load_kernel(config: QualityConfig, note_length_cap_ms: int) -> None:
-    """Compile the kernel (or load it from numba's cache) in this process: worker processes forked
-    later find it loaded instead of each compiling it."""
+    """Compile the kernel (or load it from numba's cache) now rather than in the first batch (a
+    benchmark's timing leaves numba's work out)."""
     _no_files(_kernel_settings(config, note_length_cap_ms))
 
 

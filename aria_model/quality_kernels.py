@@ -50,13 +50,14 @@ KL_FLOOR = 1e-5  # Aria's probability for a pitch a chunk lacks
 RUN_STARTS, FIRST_WINDOW, RUN_ENDED = 0, 1, 2
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def file_metrics(offsets, rows, onset, duration, pitch, velocity, channel, drum_channel, length_cap_tens,
                  density_seconds, pitch_window_seconds, repetitive_min_span_ms, chunks):
     """Metrics of the files ``rows`` (their notes: ``x[offsets[row]:offsets[row + 1]]``).
 
     Returns (ints: files x INT_METRICS, floats: files x FLOAT_METRICS, density: files x windows x
     (most notes in a window, most notes of one pitch in a window), fewest: files x pitch windows).
+    Releases the GIL: evaluate_quality runs batches in threads.
     """
     ints = np.zeros((len(rows), len(INT_METRICS)), np.int64)
     floats = np.zeros((len(rows), len(FLOAT_METRICS)), np.float64)

@@ -572,7 +572,8 @@ def bench_quality(corpus: Corpus, out: Path, repeat: int) -> Path:
                verdict(rates[engine] >= QUALITY_GOAL_NOTES_PER_S) if engine == "compiled" else "")
     table = tables["compiled"]
     same = table.equals(tables["duckdb"])
-    print(f"  {table.num_rows:,} files ({corpus.notes:,} notes), best of {repeat}, {os.cpu_count()} worker processes: "
+    print(f"  {table.num_rows:,} files ({corpus.notes:,} notes), best of {repeat}, {os.cpu_count()} workers "
+          "(compiled: threads, DuckDB: processes): "
           f"compiled {rates['compiled'] / rates['duckdb']:.1f}x DuckDB, "
           f"{'the same table' if same else 'TABLES DIFFER'}; {pc.sum(table['passed']).as_py():,} pass")
     failures = Counter(rule for rules in table["failed_rules"].to_pylist() for rule in rules)
