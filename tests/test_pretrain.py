@@ -65,6 +65,7 @@ def test_presets_overrides_and_files(tmp_path):
     (["train.max_step=3"], "unknown config field 'train.max_step'"),
     (["train.max_steps=three"], "train.max_steps must be an integer"),
     (["train.compile=1"], "train.compile must be true or false"),
+    (["train.attention=fast"], "train.attention 'fast': one of auto, cudnn, flash"),
     (["model=huge"], "unknown model preset 'huge'"),
     (["lr"], "not of the form section.field=value"),
 ])

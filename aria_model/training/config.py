@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
-from aria_model.model import ModelConfig
+from aria_model.model import ATTENTION_BACKENDS, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,10 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between console/Pipes progress lines
     deterministic: bool = False  # torch deterministic algorithms (slower; used by resume tests)
     resume: bool = True  # continue from out_dir/checkpoints/last.ckpt when it exists
+
+    def __post_init__(self):
+        if self.attention != "auto" and self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"train.attention {self.attention!r}: one of auto, {', '.join(ATTENTION_BACKENDS)}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,7 @@ def _small() -> PretrainConfig:
 def _medium() -> PretrainConfig:
     # The paper's model at Aria's per-device batch, 4 x 8192 tokens. Aria checkpoints activations;
     # on an 80 GB H100 that costs 23 % of the speed (bench/train.py: 65.5k vs 83.5k tokens/s) and
-    # the run fits without it (51 GiB peak, compiled, bf16), so the preset does not. On a card
+    # the run fits without it (47 GiB peak, compiled, bf16), so the preset does not. On a card
     # under ~60 GB set model.grad_checkpoint=true (18.6 GiB peak).
     return PretrainConfig(
         model=ModelConfig.preset("medium"),
