@@ -37,12 +37,14 @@ BUCKET_COUNTS = np.array([
     1447153, 2938679, 5967347, 12117689, 24607243, 49969847, 101473717, 206062531, 418451333,
     849749479, 1725587117, 3504151727,
 ], np.uint64)
-END = -1  # no next node
-EMPTY = -2  # a bucket without nodes
-BEFORE_HEAD = -3  # a bucket whose first node heads the list (libstdc++'s _M_before_begin)
+EMPTY = -1  # a bucket without nodes, or no next node in a bucket
 MURMUR_MULTIPLIER = np.uint64(0xD6E8FEB86659FD93)
 DENSE_KEYS = 1 << 16  # keys within this of the smallest are counted in a table slot each
 CACHED_TERMS = 64  # a term depends on its count alone: those of counts below this are kept
+
+# A helper of a compiled loop is inlined into it: a call passing arrays costs their atomic reference
+# counts, ~100 ns a call on this 2-core VM, more than many helpers' work on a file of a few hundred notes.
+inlined = njit(cache=True, inline="always")
 
 
 @intrinsic
@@ -83,13 +85,13 @@ def workspace(most_keys):
         np.empty(most_keys, np.int64),  # how often each occurs
         np.empty(most_keys, np.float64),  # the keys as DOUBLE
         np.empty(most_keys, np.uint64),  # their hash codes
-        np.empty((3, most_keys), np.int64),  # map replay: next node, insertion sequence, bucket
-        np.empty(np.int64(BUCKET_COUNTS[level]), np.int64),  # map replay: the buckets
+        np.empty((3, most_keys), np.int64),  # map replay: list order, next node in bucket, buckets used
+        np.full(np.int64(BUCKET_COUNTS[level]), EMPTY, np.int64),  # map replay: each bucket's newest node
         np.empty((2, CACHED_TERMS)),  # each small count's share and log
     )
 
 
-@njit(cache=True)
+@inlined
 def entropy(keys, as_double, space):
     """DuckDB's entropy (bits) of ``keys`` (int64) taken as BIGINT, or as DOUBLE (whole numbers, so
     their DOUBLE values differ as the keys do); 0 for no keys."""
@@ -114,7 +116,7 @@ def entropy(keys, as_double, space):
     return bits
 
 
-@njit(cache=True)
+@inlined
 def _duckdb_hash(values, hashes):
     """DuckDB's 64-bit hash (its MurmurHash64 finaliser) of each uint64 into ``hashes``."""
     for i, x in enumerate(values):
@@ -125,7 +127,7 @@ def _duckdb_hash(values, hashes):
         hashes[i] = x ^ (x >> np.uint64(32))
 
 
-@njit(cache=True)
+@inlined
 def _count_first_seen(keys, slot_of, distinct, counts):
     """Distinct keys into ``distinct`` in the order they first appear, their counts into ``counts``;
     returns how many. Keys within DENSE_KEYS of the smallest take a slot each in ``slot_of`` (left
@@ -175,67 +177,56 @@ def _count_sparse(keys, distinct, counts):
     return found
 
 
-@njit(cache=True)
+@inlined
 def map_order(codes, links, buckets):
     """Positions of keys inserted in this order, with these hash codes, in libstdc++'s iteration
-    order. ``links`` (3 x keys) and ``buckets`` (the final table size) are work space."""
-    following, sequence, bucket_of = links[0, :len(codes)], links[1, :len(codes)], links[2, :len(codes)]
-    head, inserted, level = END, 0, 0
+    order. ``links`` (3 x keys) and ``buckets`` (the final table size, all EMPTY and left so) are
+    work space."""
+    sequence, next_in_bucket, buckets_used = links[0, :len(codes)], links[1, :len(codes)], links[2, :len(codes)]
+    inserted, level = 0, 0
     while inserted < len(codes):  # a table size at a time
         n_buckets = BUCKET_COUNTS[level]
         stop = min(len(codes), np.int64(n_buckets))
         # a rehash relinks the nodes in list order exactly as inserting them anew would; the new
         # keys follow
-        _walk(head, following, sequence[:inserted])
         for key in range(inserted, stop):
             sequence[key] = key
-        _remainders(codes[:stop], n_buckets, bucket_of)
-        buckets[:n_buckets] = EMPTY
-        head = _insert(sequence[:stop], following, bucket_of, buckets)
+        _relink(sequence[:stop], codes, n_buckets, next_in_bucket, buckets_used, buckets)
         inserted, level = stop, level + 1
-    _walk(head, following, sequence)
     return sequence
 
 
-@njit(cache=True)
-def _walk(head, following, nodes):
-    """The list's first len(nodes) nodes into ``nodes``."""
-    for i in range(len(nodes)):
-        nodes[i] = head
-        head = following[head]
-
-
-@njit(cache=True)
-def _remainders(codes, divisor, out):
-    """codes % divisor into ``out``, by Barrett reduction: a 64-bit division costs tens of cycles, a
-    multiply a few."""
-    reciprocal = np.uint64(0xFFFFFFFFFFFFFFFF) // divisor
-    for i, code in enumerate(codes):
-        remainder = code - _high_product(code, reciprocal) * divisor  # the quotient is at most 2 short
-        while remainder >= divisor:
-            remainder -= divisor
-        out[i] = remainder
-
-
-@njit(cache=True)
-def _insert(nodes, following, bucket_of, buckets):
-    """The nodes into empty buckets, each first in its bucket, or first of all when its bucket is
-    empty; returns the head. (One loop, no call per node: a call passing arrays costs their
-    reference counts, tens of ns.)"""
-    head = END
+@inlined
+def _relink(nodes, codes, n_buckets, next_in_bucket, buckets_used, buckets):
+    """The list the nodes make, inserted in this order into empty buckets, into ``nodes``: the
+    buckets newest first (a node into an empty bucket goes first of all), each bucket's nodes newest
+    first. The nodes are chained per bucket first, counting the buckets used with a select: the
+    linked list's inserts would branch three ways at random."""
+    reciprocal = np.uint64(0xFFFFFFFFFFFFFFFF) // n_buckets
+    n_used = 0
     for node in nodes:
-        bucket = bucket_of[node]
-        before = buckets[bucket]
-        if before == EMPTY:
-            following[node] = head
-            if head != END:
-                buckets[bucket_of[head]] = node  # the old head's bucket now starts after the node
-            buckets[bucket] = BEFORE_HEAD
-            head = node
-        elif before == BEFORE_HEAD:
-            following[node] = head
-            head = node
-        else:
-            following[node] = following[before]
-            following[before] = node
-    return head
+        bucket = _remainder(codes[node], n_buckets, reciprocal)
+        newest = buckets[bucket]
+        buckets_used[n_used] = bucket
+        n_used += newest == EMPTY
+        next_in_bucket[node] = newest
+        buckets[bucket] = node
+    at = 0
+    for used in range(n_used - 1, -1, -1):
+        bucket = buckets_used[used]
+        node = buckets[bucket]
+        buckets[bucket] = EMPTY
+        while node != EMPTY:
+            nodes[at] = node
+            at += 1
+            node = next_in_bucket[node]
+
+
+@njit(cache=True)
+def _remainder(code, divisor, reciprocal):
+    """code % divisor by Barrett reduction (``reciprocal``: 2^64 - 1 // divisor): a 64-bit division
+    costs tens of cycles, a multiply a few."""
+    remainder = code - _high_product(code, reciprocal) * divisor  # the quotient is at most 2 short
+    # selects, not a loop: how often it would run is random, and a mispredicted branch costs ~15 cycles
+    remainder = remainder - divisor if remainder >= divisor else remainder
+    return remainder - divisor if remainder >= divisor else remainder

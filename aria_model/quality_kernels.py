@@ -30,7 +30,7 @@ import math
 import numpy as np
 from numba import njit
 
-from aria_model.duckdb_entropy import entropy, workspace
+from aria_model.duckdb_entropy import entropy, inlined, workspace
 
 # Columns of file_metrics' integer matrix.
 INT_METRICS = (
@@ -96,7 +96,7 @@ def file_metrics(offsets, rows, onset, duration, pitch, velocity, channel, drum_
     return ints, floats, density, fewest
 
 
-@njit(cache=True)
+@inlined
 def _walk_notes(onsets, durations, pitches, velocities, channels, drum_channel, tonal, file_ints):
     """One pass over a file's notes: order, span, channels, longest silence, and the non-drum notes
     copied to ``tonal``. Returns how many those are; -1 when the onsets go back (nothing set but
@@ -130,7 +130,7 @@ def _walk_notes(onsets, durations, pitches, velocities, channels, drum_channel, 
     return n_tonal
 
 
-@njit(cache=True)
+@inlined
 def _group_by_pitch(pitches, grouped):
     """(note positions grouped by pitch into ``grouped``, each group in note order; where pitch p's
     group starts; the pitches present)."""
@@ -146,7 +146,7 @@ def _group_by_pitch(pitches, grouped):
     return grouped, starts, present
 
 
-@njit(cache=True)
+@inlined
 def _pitch_entropy(notes_per_pitch, total):
     """Sorted in place: DuckDB's sum meets the pitches fewest notes first."""
     notes_per_pitch.sort()
@@ -158,7 +158,7 @@ def _pitch_entropy(notes_per_pitch, total):
     return bits
 
 
-@njit(cache=True)
+@inlined
 def _length_entropy(durations, cap_tens, tens, entropy_space):
     """Entropy of the lengths in tens of ms, rounded half to even (Python's round(x, -1)), capped."""
     for j, d in enumerate(durations):
@@ -170,14 +170,14 @@ def _length_entropy(durations, cap_tens, tens, entropy_space):
     return entropy(tens, True, entropy_space)  # the query's lengths are DOUBLE
 
 
-@njit(cache=True)
+@inlined
 def _onset_gap_entropy(onsets, gaps, entropy_space):
     for j in range(len(gaps)):
         gaps[j] = onsets[j + 1] - onsets[j]
     return entropy(gaps, False, entropy_space)
 
 
-@njit(cache=True)
+@inlined
 def _densest_windows(onsets, pitches, by_pitch, pitch_starts, present, window_seconds, halves, grouped, most):
     """The density query's window that only grows, for every window length in one pass over the notes:
     over all notes (most[w, 0]) and over each pitch's notes (the largest in most[w, 1]). The pitches
@@ -205,7 +205,7 @@ def _densest_windows(onsets, pitches, by_pitch, pitch_starts, present, window_se
         most[w, 1] = pitch_sizes[:, w].max()
 
 
-@njit(cache=True)
+@inlined
 def _fewest_pitches(onsets, first_onset, by_pitch, pitch_starts, present, window_seconds, grouped_ceil,
                     grouped_floor, breaks, fewest):
     """Fewest distinct pitches in a window of Aria's unique_pitch_count_in_interval, per window length.
@@ -254,7 +254,7 @@ def _fewest_pitches(onsets, first_onset, by_pitch, pitch_starts, present, window
             fewest[w] = _least_covered_sorted(edges[:n_edges], len(present))
 
 
-@njit(cache=True)
+@inlined
 def _least_covered(edges, last_start):
     """The fewest runs covering a window start in 0..last_start: the edges' +1 / -1 summed per start."""
     change = np.zeros(last_start + 1, np.int64)
@@ -267,7 +267,7 @@ def _least_covered(edges, last_start):
     return least
 
 
-@njit(cache=True)
+@inlined
 def _least_covered_sorted(edges, most):
     """The same, as the query reduces its edges: sorted, runs starting before the first window before
     runs ended at one start, the count taken after each edge that is not a start."""
@@ -279,7 +279,7 @@ def _least_covered_sorted(edges, most):
     return least
 
 
-@njit(cache=True)
+@inlined
 def _max_chunk_kl(since_first, pitches, span, chunks):
     """Largest KL divergence (bits) between two non-empty chunks, earlier against later; -1 for no pair."""
     histograms = np.zeros((chunks, PITCHES), np.int64)
