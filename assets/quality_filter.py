@@ -41,8 +41,8 @@ class QualityFilterConfig(dg.Config):
     preset: str | None = None
     disabled_rules: list[str] = []  # rules to switch off on top of the preset
     rebuild: bool = False  # evaluate every file, even those the previous table holds under the same rules
-    workers: int | None = None  # processes evaluating batches of files (DuckDB's with one thread each); None: all cores
-    engine: str = "compiled"  # compiled (numba kernels) | duckdb (the rules' SQL: the reference, ~4.5x slower)
+    workers: int | None = None  # batches evaluated at once (compiled: threads; DuckDB: processes, one thread each); None: all cores
+    engine: str = "compiled"  # compiled (numba kernels) | duckdb (the rules' SQL: the reference, 5-7x slower)
 
 
 class PassRateBounds(dg.Config):
